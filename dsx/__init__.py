@@ -1,0 +1,1 @@
+"""dsx (temporary minimal init while the API is assembled)."""

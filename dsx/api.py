@@ -1,0 +1,29 @@
+"""The one-liner: ``dsx.optimize(model, example_inputs)`` returns an equivalent, faster inference module.
+
+It runs the ``Fuse`` transform (capture, graph passes, verification) on an eval-mode copy of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch.nn as nn
+
+from dsx.core.inputs import check_module
+from dsx.graph.fuse import Fuse
+
+
+def optimize(model: nn.Module, example_inputs: Any, *, passes: list[str] | str | None = None,
+             inplace: bool = False, verify: bool = True) -> nn.Module:
+    """Capture ``model`` on ``example_inputs``, run the dsx fusion passes and verify the result.
+
+    ``passes``: ``None`` for the default set of the model's device, ``"all"``, or a list of pass names
+    (``dsx.available_passes()``). The result is for inference; ``dsx.fusions(result)`` and
+    ``dsx.summary(result)`` report what fired. Raises ``dsx.VerificationError`` if outputs drift.
+    """
+    check_module(model)
+    if model.training:
+        model = (model if inplace else copy.deepcopy(model)).eval()
+        inplace = True
+    return Fuse(passes, inplace=inplace, verify=verify)(model, example_inputs)

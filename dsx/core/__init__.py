@@ -1,0 +1,1 @@
+"""The layer every dsx transform builds on: example inputs, the Transform base, verification, history."""

@@ -1,0 +1,93 @@
+"""Example inputs: normalize the forms users pass, run a model on them, and describe them for replay.
+
+Accepted forms: a Tensor, a tuple/list of positional arguments, or a dict of keyword arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def normalize_inputs(example_inputs: Any, *, name: str = "example_inputs") -> Inputs:
+    """Return ``(args, kwargs)`` for a Tensor, a tuple/list of args, or a dict of kwargs."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    elif isinstance(example_inputs, dict):
+        if not all(isinstance(k, str) for k in example_inputs):
+            raise TypeError(f"{name}: dict keys must be argument names (str)")
+        args, kwargs = (), dict(example_inputs)
+    else:
+        raise TypeError(
+            f"{name}: expected a Tensor, a tuple/list of positional inputs or a dict of keyword inputs, "
+            f"got {type(example_inputs).__name__}"
+        )
+    if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves((args, kwargs))):
+        raise TypeError(f"{name}: must contain at least one Tensor")
+    return args, kwargs
+
+
+def check_module(model: Any, name: str = "model") -> nn.Module:
+    """Raise ``TypeError`` unless ``model`` is an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name}: expected a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def run_model(model: nn.Module, inputs: Inputs, *, name: str = "example_inputs") -> Any:
+    """Call ``model(*args, **kwargs)`` without grad; a failure becomes a ``ValueError`` naming the inputs."""
+    args, kwargs = inputs
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    except Exception as e:
+        shapes = [tuple(x.shape) for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        raise ValueError(
+            f"{name}: the model raised {type(e).__name__} on the example inputs (tensor shapes {shapes}): {e}"
+        ) from e
+
+
+def describe(inputs: Inputs) -> dict[str, Any]:
+    """A JSON-able spec (shapes, dtypes, python leaves) from which ``synthesize`` rebuilds same-shaped inputs."""
+    leaves, spec = pytree.tree_flatten(inputs)
+    out = []
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            out.append({"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")})
+        elif x is None or isinstance(x, (bool, int, float, str)):
+            out.append({"value": x})
+        else:
+            raise TypeError(f"example_inputs: cannot record an input of type {type(x).__name__}")
+    return {"leaves": out, "tree": pytree.treespec_dumps(spec)}
+
+
+def synthesize(desc: dict[str, Any], device: torch.device | str = "cpu") -> Inputs:
+    """Inputs matching a ``describe`` spec: zeros for integer/bool tensors, standard normal for floats."""
+    gen = torch.Generator().manual_seed(0)
+    leaves = []
+    for leaf in desc["leaves"]:
+        if "value" in leaf:
+            leaves.append(leaf["value"])
+            continue
+        dtype = getattr(torch, leaf["dtype"])
+        if dtype.is_floating_point:
+            t = torch.randn(leaf["shape"], generator=gen).to(dtype)
+        else:
+            t = torch.zeros(leaf["shape"], dtype=dtype)
+        leaves.append(t.to(device))
+    args, kwargs = pytree.tree_unflatten(leaves, pytree.treespec_loads(desc["tree"]))
+    return tuple(args), dict(kwargs)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a stateless module)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")

@@ -1,0 +1,29 @@
+"""Wall-clock timing for demos and benchmarks: warm up, then the median of repeated runs, in milliseconds.
+
+CUDA work is synchronized around each run so GPU timings are real, not launch latencies.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def measure_ms(fn: Callable[[], Any], *, warmup: int = 3, iters: int = 10, min_time_s: float = 0.0) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` runs (more while under ``min_time_s``), after ``warmup``."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        sync()
+        samples: list[float] = []
+        start = time.perf_counter()
+        while len(samples) < iters or time.perf_counter() - start < min_time_s:
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)

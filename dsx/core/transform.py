@@ -1,0 +1,146 @@
+"""The Transform base: a dataclass config that, called on a model, copies, rewrites, verifies and records.
+
+Every dsx capability (fuse, quantize, prune, ...) subclasses it, so all of them share one contract.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from dsx.core.inputs import Inputs, check_module, describe, normalize_inputs, run_model
+
+HISTORY_ATTR = "_dsx_history"
+ORIGIN_ATTR = "_dsx_origin"
+
+STAGES = ("prune", "distill", "compress", "fuse", "export")
+
+
+class VerificationError(RuntimeError):
+    """A transformed model's outputs differ from the original's by more than the transform's tolerance."""
+
+
+def compare_outputs(reference: Any, candidate: Any) -> dict[str, float]:
+    """Largest absolute and relative (to the reference's max magnitude) error over all tensor outputs."""
+    ref_leaves, ref_spec = pytree.tree_flatten(reference)
+    new_leaves, new_spec = pytree.tree_flatten(candidate)
+    if len(ref_leaves) != len(new_leaves):
+        raise VerificationError(
+            f"output structure changed: {len(ref_leaves)} outputs before, {len(new_leaves)} after "
+            f"({ref_spec} vs {new_spec})"
+        )
+    worst = {"max_abs": 0.0, "max_rel": 0.0}
+    for i, (a, b) in enumerate(zip(ref_leaves, new_leaves)):
+        if not isinstance(a, torch.Tensor):
+            if a != b:
+                raise VerificationError(f"output {i} changed: {a!r} before, {b!r} after")
+            continue
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            got = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+            raise VerificationError(f"output {i}: expected shape {tuple(a.shape)}, got {got}")
+        if a.numel() == 0:
+            continue
+        a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
+        if not (a64.isfinite() == b64.isfinite()).all():
+            raise VerificationError(f"output {i}: non-finite values differ between the original and the result")
+        fin = a64.isfinite()
+        diff = (a64[fin] - b64[fin]).abs().max().item() if fin.any() else 0.0
+        scale = a64[fin].abs().max().item() if fin.any() else 0.0
+        worst["max_abs"] = max(worst["max_abs"], diff)
+        worst["max_rel"] = max(worst["max_rel"], diff / max(scale, 1e-12))
+    return worst
+
+
+def output_dtype(out: Any) -> torch.dtype:
+    """The lowest-precision floating dtype among a model's tensor outputs (float32 if none)."""
+    floats = [x.dtype for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    return min(floats, key=lambda d: torch.finfo(d).bits, default=torch.float32)
+
+
+def history(model: nn.Module) -> list[dict[str, Any]]:
+    """What dsx transforms were applied to ``model``, oldest first (JSON-able entries)."""
+    return list(getattr(model, HISTORY_ATTR, []))
+
+
+@dataclass
+class Transform(abc.ABC):
+    """Base of every dsx transform: ``t(model, example_inputs=None) -> nn.Module``.
+
+    Subclasses set ``name`` and ``stage`` and implement ``apply``; the base copies the model unless
+    ``inplace=True``, verifies outputs on the example inputs (``verify=True``), and records the step.
+    """
+
+    name: ClassVar[str] = ""
+    stage: ClassVar[str] = "compress"
+    needs_inputs: ClassVar[bool] = False
+    tolerance: ClassVar[dict[torch.dtype, float]] = {torch.float64: 1e-7, torch.float32: 1e-4,
+                                                     torch.bfloat16: 2e-2, torch.float16: 1e-2}
+    registry: ClassVar[dict[str, type[Transform]]] = {}
+
+    inplace: bool = field(default=False, kw_only=True)
+    verify: bool = field(default=True, kw_only=True)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            if cls.stage not in STAGES:
+                raise ValueError(f"{cls.__name__}.stage must be one of {STAGES}")
+            Transform.registry[cls.name] = cls
+
+    @abc.abstractmethod
+    def apply(self, model: nn.Module, inputs: Inputs | None) -> tuple[nn.Module, dict[str, Any]]:
+        """Rewrite ``model`` (already a private copy unless inplace) and return it with a JSON-able info dict."""
+
+    def config(self) -> dict[str, Any]:
+        """The JSON-able settings of this transform (everything but ``inplace`` / ``verify``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("inplace", "verify")}
+
+    @classmethod
+    def from_config(cls, name: str, config: dict[str, Any] | None = None) -> Transform:
+        """Rebuild a registered transform from its name and ``config()``."""
+        if name not in Transform.registry:
+            raise ValueError(f"unknown transform {name!r}; known transforms are {sorted(Transform.registry)}")
+        return Transform.registry[name](**(config or {}))
+
+    def check_order(self, model: nn.Module) -> None:
+        """Refuse to run after a transform of a later stage (e.g. quantize after fuse)."""
+        mine = STAGES.index(self.stage)
+        for entry in history(model):
+            if STAGES.index(entry["stage"]) > mine:
+                raise ValueError(
+                    f"cannot apply {self.name!r} after {entry['transform']!r}: dsx transforms run in the order "
+                    f"{' -> '.join(STAGES)}; apply {self.name!r} to the model before {entry['transform']!r}"
+                )
+
+    def __call__(self, model: nn.Module, example_inputs: Any = None) -> nn.Module:
+        check_module(model)
+        inputs = None if example_inputs is None else normalize_inputs(example_inputs)
+        if inputs is None and self.needs_inputs:
+            raise ValueError(f"{self.name}: example_inputs are required (a Tensor, a tuple of args or a dict of kwargs)")
+        self.check_order(model)
+        reference = run_model(model, inputs) if inputs is not None and (self.verify or self.needs_inputs) else None
+        past = history(model)
+        origin = getattr(model, ORIGIN_ATTR, f"{type(model).__module__}.{type(model).__qualname__}")
+        target = model if self.inplace else copy.deepcopy(model)
+        result, info = self.apply(target, inputs)
+        entry: dict[str, Any] = {"transform": self.name, "stage": self.stage, "config": self.config(),
+                                 "inputs": describe(inputs) if inputs is not None else None, "info": info}
+        if inputs is not None and self.verify:
+            err = compare_outputs(reference, run_model(result, inputs, name="example_inputs (transformed model)"))
+            tol = self.tolerance.get(output_dtype(reference), 1e-4)
+            entry["error"] = {**err, "tolerance": tol}
+            if err["max_rel"] > tol:
+                raise VerificationError(
+                    f"{self.name}: outputs differ from the original model by max relative error {err['max_rel']:.3g} "
+                    f"(max abs {err['max_abs']:.3g}), over the tolerance {tol:g}"
+                )
+        setattr(result, HISTORY_ATTR, [*past, entry])
+        setattr(result, ORIGIN_ATTR, origin)
+        return result

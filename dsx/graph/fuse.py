@@ -1,0 +1,58 @@
+"""The ``Fuse`` transform: capture a model, run the dsx graph passes, verify, report what fired.
+
+It is what ``dsx.optimize`` runs; the result is a GraphModule (or the model with captured parts) for inference.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+
+from dsx.core.inputs import Inputs, model_device
+from dsx.core.transform import Transform
+from dsx.graph.capture import capture
+from dsx.graph.fx_utils import drop_unused_state
+from dsx.graph.pass_manager import available_passes, resolve, run_passes
+
+
+@dataclass
+class Fuse(Transform):
+    """Rewrite a model's graph with the dsx fusion passes (``passes=None``: the default set for its device)."""
+
+    name = "fuse"
+    stage = "fuse"
+    needs_inputs = True
+
+    passes: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.passes is not None and not isinstance(self.passes, str):
+            self.passes = list(self.passes)
+        resolve(self.passes)
+
+    def apply(self, model: nn.Module, inputs: Inputs | None) -> tuple[nn.Module, dict[str, Any]]:
+        if model.training:
+            raise ValueError("fuse: the model is in training mode; call model.eval() first (fusion is for inference)")
+        assert inputs is not None
+        captured = capture(model, inputs)
+        selected = resolve(self.passes, device=model_device(model).type)
+        fired: Counter[str] = Counter({p.name: 0 for p in selected})
+        for gm in captured.graphs.values():
+            fired.update(run_passes(gm, selected))
+            drop_unused_state(gm)
+        info = {"fusions": dict(fired), "captured": sorted(captured.graphs), "eager": captured.eager,
+                "notes": captured.notes}
+        return captured.module, info
+
+
+def fusions(model: nn.Module) -> dict[str, int]:
+    """How many rewrites each pass made on ``model`` (summed over every ``fuse`` step in its history)."""
+    total: Counter[str] = Counter()
+    for entry in getattr(model, "_dsx_history", []):
+        if entry["transform"] == Fuse.name:
+            total.update(entry["info"]["fusions"])
+    order = list(available_passes())
+    return {k: total[k] for k in sorted(total, key=lambda k: order.index(k) if k in order else len(order))}

@@ -1,0 +1,1 @@
+"""Fused Triton kernels registered as ``torch.ops.dsx.*`` with CPU, fake and autograd implementations."""
