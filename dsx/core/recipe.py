@@ -23,7 +23,7 @@ Recipe = list[Any] | dict[str, Any] | str | os.PathLike
 def _load_text(recipe: str | os.PathLike) -> Any:
     """Parse a recipe file (``.yaml`` / ``.yml`` / ``.json``) or a YAML / JSON string."""
     path = Path(recipe)
-    if isinstance(recipe, os.PathLike) or path.suffix.lower() in (".yaml", ".yml", ".json"):
+    if isinstance(recipe, os.PathLike) or ("\n" not in recipe and path.suffix.lower() in (".yaml", ".yml", ".json")):
         if not path.is_file():
             raise FileNotFoundError(f"recipe file not found: {path}")
         text, is_json = path.read_text(), path.suffix.lower() == ".json"
@@ -69,10 +69,13 @@ def _build(i: int, step: Any) -> Transform:
                          f"{{'transform': 'name', ...}}, got {step!r}")
     if name not in Transform.registry:
         raise ValueError(f"recipe step {i}: unknown transform {name!r}; valid names are {sorted(Transform.registry)}")
-    fields = [f.name for f in dataclasses.fields(Transform.registry[name]) if f.init and f.name != "inplace"]
-    if not isinstance(config, dict) or set(config) - set(fields):
-        bad = sorted(set(config) - set(fields)) if isinstance(config, dict) else config
-        raise ValueError(f"recipe step {i} ({name}): invalid settings {bad!r}; its fields are {fields}")
+    cls = Transform.registry[name]
+    fields = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("inplace", "verify")]
+    fields.append("verify")
+    if not isinstance(config, dict):
+        raise ValueError(f"recipe step {i} ({name}): settings must be a mapping of fields, got {config!r}")
+    if unknown := sorted(set(config) - set(fields)):
+        raise ValueError(f"recipe step {i} ({name}): unknown settings {unknown}; its fields are {fields}")
     try:
         return Transform.from_config(name, config)
     except (TypeError, ValueError) as e:

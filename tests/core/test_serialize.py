@@ -1,0 +1,224 @@
+"""Tests for dsx.core.serialize: bit-exact save/load of transformed models by history replay, without pickle."""
+
+import json
+import pickle
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from dsx.core.serialize import load, save
+from dsx.core.transform import Transform, history
+
+
+class Net(nn.Module):
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, 16), nn.GELU(), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Other(Net):
+    pass
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("table", torch.randn(6, 5).t())
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(h) + (h @ self.table.t()).sum(-1, keepdim=True)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        w = lin.weight.detach()
+        scale = w.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
+        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = lin.bias
+
+    def forward(self, x):
+        return F.linear(x, self.qweight.float() * self.scale, self.bias)
+
+
+@dataclass
+class QuantizeLinears(Transform):
+    name = "ts_int8"
+    stage = "compress"
+    tolerance = {torch.float32: 0.05}
+
+    def apply(self, model, inputs):
+        n = 0
+        for mod in list(model.modules()):
+            for cname, child in list(mod.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(mod, cname, Int8Linear(child))
+                    n += 1
+        return model, {"replaced": n}
+
+
+@dataclass
+class Calibrate(Transform):
+    """Records the output range on the example inputs as a buffer: data-dependent, so replay must overwrite it."""
+
+    name = "ts_calibrate"
+    stage = "compress"
+    needs_inputs = True
+
+    def apply(self, model, inputs):
+        args, kwargs = inputs
+        with torch.no_grad():
+            model.register_buffer("out_absmax", model(*args, **kwargs).abs().amax().reshape(1))
+        return model, {}
+
+
+@dataclass
+class Trace(Transform):
+    name = "ts_trace"
+    stage = "fuse"
+    scale: float = 1.0
+
+    def apply(self, model, inputs):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(self.scale)
+        tracer = torch.fx.Tracer()
+        tracer.proxy_buffer_attributes = True
+        gm = torch.fx.GraphModule(model, tracer.trace(model))
+        return gm, {"nodes": len(gm.graph.nodes)}
+
+
+def assert_same_state(a: nn.Module, b: nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def test_transformed_model_round_trips_bit_exactly(tmp_path):
+    x = torch.randn(5, 8)
+    model = Net().eval()
+    model = QuantizeLinears()(model, x)
+    model = Calibrate()(model, {"x": x})
+    model = Trace(scale=1.5)(model)
+    assert isinstance(model, torch.fx.GraphModule)
+    save(model, tmp_path / "m")
+    loaded = load(Net(), tmp_path / "m")
+    assert isinstance(loaded, torch.fx.GraphModule) and not loaded.training
+    assert_same_state(model, loaded)
+    assert loaded.fc1.qweight.dtype == torch.int8
+    assert torch.equal(model(x), loaded(x))
+    assert history(loaded) == history(model)
+    assert loaded._dsx_origin == model._dsx_origin == f"{Net.__module__}.Net"
+
+
+def test_saved_files_are_safetensors_and_readable_json(tmp_path):
+    x = torch.randn(2, 8)
+    model = Calibrate()(QuantizeLinears()(Net().eval(), x), x)
+    out = save(model, tmp_path / "m")
+    assert sorted(p.name for p in out.iterdir()) == ["dsx.json", "model.safetensors"]
+    meta = json.loads((out / "dsx.json").read_text())
+    assert meta["format"] == "dsx" and meta["version"] == 1 and meta["origin"].endswith(".Net")
+    assert [e["transform"] for e in meta["history"]] == ["ts_int8", "ts_calibrate"]
+    assert meta["history"][1]["inputs"]["leaves"] == [{"shape": [2, 8], "dtype": "float32"}]
+    weights = load_file(out / "model.safetensors")
+    assert weights.keys() == model.state_dict().keys()
+    assert torch.equal(weights["fc1.qweight"], model.fc1.qweight)
+    loaded = load(Net(), out)
+    assert_same_state(model, loaded)
+    assert torch.equal(loaded.out_absmax, model.out_absmax)
+
+
+def test_no_pickle_is_used(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used")
+
+    for mod, fn in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
+        monkeypatch.setattr(mod, fn, refuse)
+    model = QuantizeLinears()(Net())
+    loaded = load(Net(), save(model, tmp_path / "m"))
+    assert_same_state(model, loaded)
+
+
+def test_tied_and_non_contiguous_tensors(tmp_path):
+    model = Tied()
+    assert not model.table.is_contiguous()
+    save(model, tmp_path / "t")
+    loaded = load(Tied(), tmp_path / "t")
+    assert loaded.head.weight is loaded.emb.weight
+    assert_same_state(model, loaded)
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model(ids), loaded(ids))
+
+
+def test_tied_weights_survive_a_transform(tmp_path):
+    model = Trace(scale=2.0)(Tied())
+    save(model, tmp_path / "t")
+    loaded = load(Tied(), tmp_path / "t")
+    assert_same_state(model, loaded)
+    ids = torch.tensor([[0, 9]])
+    assert torch.equal(model(ids), loaded(ids))
+
+
+def test_plain_model_round_trips(tmp_path):
+    model = Net()
+    save(model, tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "dsx.json").read_text())["history"] == []
+    loaded = load(Net(), tmp_path / "p")
+    assert_same_state(model, loaded)
+    assert history(loaded) == [] and loaded.training
+
+
+def test_wrong_class_is_refused(tmp_path):
+    save(Net(), tmp_path / "n")
+    with pytest.raises(ValueError, match=r"\.Net.*\.Other"):
+        load(Other(), tmp_path / "n")
+
+
+def test_already_transformed_model_is_refused(tmp_path):
+    save(Net(), tmp_path / "n")
+    with pytest.raises(ValueError, match="fresh instance"):
+        load(QuantizeLinears()(Net()), tmp_path / "n")
+
+
+def test_mismatched_weights_name_the_file(tmp_path):
+    save(Net(d=8), tmp_path / "n")
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load(Net(d=3), tmp_path / "n")
+
+
+def test_missing_and_malformed_saves(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        load(Net(), tmp_path / "nothing")
+    d = save(Net(), tmp_path / "n")
+    (d / "dsx.json").write_text("{not json")
+    with pytest.raises(ValueError, match="dsx.json"):
+        load(Net(), d)
+    (d / "dsx.json").write_text(json.dumps({"format": "other", "version": 1}))
+    with pytest.raises(ValueError, match="not a dsx save"):
+        load(Net(), d)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load(Net(), d)
+
+
+def test_non_json_history_is_refused(tmp_path):
+    model = Net()
+    model._dsx_history = [{"transform": "x", "config": {"dtype": torch.float16}}]
+    with pytest.raises(ValueError, match="JSON"):
+        save(model, tmp_path / "bad")
+    with pytest.raises(TypeError, match="nn.Module"):
+        save("model", tmp_path / "bad")
