@@ -1,1 +1,23 @@
-"""dsx (temporary minimal init while the API is assembled)."""
+"""dsx: make ordinary PyTorch modules smaller and faster with composable, verified transforms.
+
+Public API only; everything here is re-exported from the subpackages.
+"""
+
+from dsx.api import optimize
+from dsx.core.compose import Compose, compose
+from dsx.core.recipe import from_recipe, to_recipe
+from dsx.core.serialize import load, save
+from dsx.core.summary import Summary, summary
+from dsx.core.transform import Transform, VerificationError, history
+from dsx.graph.backend import compile_backend
+from dsx.graph.capture import Captured, capture
+from dsx.graph.fuse import Fuse, fusions
+from dsx.graph.pass_manager import available_passes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Captured", "Compose", "Fuse", "Summary", "Transform", "VerificationError", "available_passes", "capture",
+    "compile_backend", "compose", "from_recipe", "fusions", "history", "load", "optimize", "save", "summary",
+    "to_recipe",
+]

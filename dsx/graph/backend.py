@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from dsx.graph.capture import export_graph
 from dsx.graph.pass_manager import resolve, run_passes
 
 log = logging.getLogger("dsx")
@@ -27,14 +28,10 @@ def _graph_device(example_inputs: Sequence[Any]) -> str:
 
 def lower_to_aten(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
     """Re-trace a dynamo graph to ATen with ``torch.export`` (non-strict); input signature unchanged."""
-    unlifted = torch.export.export(gm, tuple(example_inputs), strict=False).module()
-    for node in list(unlifted.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            unlifted.graph.erase_node(node)
-    return fx.GraphModule(unlifted, unlifted.graph)
+    return export_graph(gm, (tuple(example_inputs), {}), guards=False).train(gm.training)
 
 
-@dataclass
+@dataclass(eq=False)
 class DsxBackend:
     """A dynamo backend running dsx passes (``passes=None``: the default set for the graph's device).
 

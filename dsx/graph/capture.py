@@ -45,10 +45,17 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _export(model: nn.Module, inputs: Inputs, dynamic_shapes: Any = None) -> fx.GraphModule:
+def export_graph(model: nn.Module, inputs: Inputs, *, dynamic_shapes: Any = None,
+                 guards: bool = True) -> fx.GraphModule:
+    """``torch.export`` (non-strict) to a plain, picklable GraphModule in eval mode with the same call
+    signature; ``guards=False`` drops export's input-shape guards (when the caller guards, as dynamo does)."""
     args, kwargs = inputs
-    ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    return ep.module()
+    unlifted = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False).module()
+    if not guards:
+        for node in list(unlifted.graph.nodes):
+            if node.op == "call_module" and node.target == "_guards_fn":
+                unlifted.graph.erase_node(node)
+    return fx.GraphModule(unlifted, unlifted.graph).eval()
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -61,13 +68,13 @@ def _accepts(model: nn.Module, name: str) -> bool:
 def _export_whole(model: nn.Module, inputs: Inputs, dynamic_shapes: Any, notes: list[str]) -> fx.GraphModule:
     """Export the whole model; retry without a KV cache output for Hugging Face decoders."""
     try:
-        return _export(model, inputs, dynamic_shapes)
+        return export_graph(model, inputs, dynamic_shapes=dynamic_shapes)
     except Exception as first:
         args, kwargs = inputs
         if not _accepts(model, "use_cache") or "use_cache" in kwargs:
             raise
         try:
-            gm = _export(_WithFixedKwargs(model, {"use_cache": False}), inputs, dynamic_shapes)
+            gm = export_graph(_WithFixedKwargs(model, {"use_cache": False}), inputs, dynamic_shapes=dynamic_shapes)
         except Exception:
             raise first from None
         notes.append("exported with use_cache=False (the KV-cache object is not exportable); "
@@ -104,7 +111,7 @@ def _capture_parts(root: nn.Module, prefix: str, calls: dict[str, list[Inputs]],
         seen = calls.get(name, [])
         if len(seen) == 1:
             try:
-                gm = _export(child, seen[0])
+                gm = export_graph(child, seen[0])
             except Exception as e:
                 has_children = any(True for _ in child.children())
                 out.eager[name] = _short(e) + (" (its own forward runs eager, submodules captured where possible)"
@@ -124,12 +131,16 @@ def _capture_parts(root: nn.Module, prefix: str, calls: dict[str, list[Inputs]],
 def capture(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None) -> Captured:
     """Capture ``model`` on ``example_inputs`` as ATen fx graphs; the caller's model is not modified.
 
-    The whole model is exported when possible (``Captured.module`` is then a GraphModule). Otherwise each
-    submodule is exported on the inputs it received, and the parts that still fail stay eager, named with
-    the reason in ``Captured.eager``.
+    The whole model is exported when possible (``Captured.module`` is then a GraphModule sharing the
+    model's parameters). Otherwise each submodule is exported on the inputs it received, and the parts
+    that still fail stay eager, named with the reason in ``Captured.eager``.
     """
     check_module(model)
-    inputs = normalize_inputs(example_inputs)
+    return capture_inputs(model, normalize_inputs(example_inputs), dynamic_shapes=dynamic_shapes)
+
+
+def capture_inputs(model: nn.Module, inputs: Inputs, *, dynamic_shapes: Any = None) -> Captured:
+    """``capture`` for inputs already normalized to ``(args, kwargs)``."""
     run_model(model, inputs)
     notes: list[str] = []
     try:

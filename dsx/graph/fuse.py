@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from dsx.core.inputs import Inputs, model_device
 from dsx.core.transform import Transform
-from dsx.graph.capture import capture
+from dsx.graph.capture import capture_inputs
 from dsx.graph.fx_utils import drop_unused_state
 from dsx.graph.pass_manager import available_passes, resolve, run_passes
 
@@ -37,7 +37,7 @@ class Fuse(Transform):
         if model.training:
             raise ValueError("fuse: the model is in training mode; call model.eval() first (fusion is for inference)")
         assert inputs is not None
-        captured = capture(model, inputs)
+        captured = capture_inputs(model, inputs)
         selected = resolve(self.passes, device=model_device(model).type)
         fired: Counter[str] = Counter({p.name: 0 for p in selected})
         for gm in captured.graphs.values():

@@ -1,0 +1,39 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from dsx.graph.pass_manager import available_passes, resolve, run_passes
+
+EXPECTED = ["remove_dropout", "fold_batch_norm", "attention_to_sdpa", "add_layer_norm", "add_rms_norm", "rms_norm",
+            "gated_mlp", "bias_act", "scaled_masked_softmax"]
+
+
+def test_registry_order_and_docs():
+    passes = available_passes()
+    assert list(passes) == EXPECTED
+    assert all(p.doc for p in passes.values()), "every pass needs a one-line docstring"
+
+
+def test_resolve_selection():
+    assert [p.name for p in resolve("all")] == EXPECTED
+    assert [p.name for p in resolve(["bias_act", "remove_dropout"])] == ["remove_dropout", "bias_act"]
+    cpu = [p.name for p in resolve(None, device="cpu")]
+    assert set(cpu) <= set(EXPECTED) and "fold_batch_norm" in cpu
+    assert [p.name for p in resolve(None, device="cuda")] == EXPECTED
+
+
+def test_unknown_pass_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown pass 'nope'.*valid passes"):
+        resolve(["nope"])
+    with pytest.raises(TypeError, match="passes"):
+        resolve([3])
+
+
+def test_run_passes_counts_and_keeps_graph_valid():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.ReLU()).eval()
+    x = torch.randn(2, 4)
+    gm = torch.export.export(m, (x,), strict=False).module()
+    counts = run_passes(gm, resolve(["remove_dropout"]))
+    assert counts == {"remove_dropout": 1}
+    assert not any("dropout" in str(n.target) for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), m(x))
