@@ -58,7 +58,8 @@ def export_graph(model: nn.Module, inputs: Inputs, *, dynamic_shapes: Any = None
     return fx.GraphModule(unlifted, unlifted.graph).eval()
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
+def accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes a parameter called ``name``."""
     try:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -71,7 +72,7 @@ def _export_whole(model: nn.Module, inputs: Inputs, dynamic_shapes: Any, notes: 
         return export_graph(model, inputs, dynamic_shapes=dynamic_shapes)
     except Exception as first:
         args, kwargs = inputs
-        if not _accepts(model, "use_cache") or "use_cache" in kwargs:
+        if not accepts(model, "use_cache") or "use_cache" in kwargs:
             raise
         try:
             gm = export_graph(_WithFixedKwargs(model, {"use_cache": False}), inputs, dynamic_shapes=dynamic_shapes)
@@ -128,21 +129,28 @@ def _capture_parts(root: nn.Module, prefix: str, calls: dict[str, list[Inputs]],
             _capture_parts(child, name, calls, out)
 
 
-def capture(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None) -> Captured:
+def capture(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None,
+            fixed_kwargs: dict[str, Any] | None = None) -> Captured:
     """Capture ``model`` on ``example_inputs`` as ATen fx graphs; the caller's model is not modified.
 
     The whole model is exported when possible (``Captured.module`` is then a GraphModule sharing the
     model's parameters). Otherwise each submodule is exported on the inputs it received, and the parts
-    that still fail stay eager, named with the reason in ``Captured.eager``.
+    that still fail stay eager, named with the reason in ``Captured.eager``. ``fixed_kwargs`` are passed
+    on every call and baked into the capture (e.g. ``{"use_cache": False}``).
     """
     check_module(model)
-    return capture_inputs(model, normalize_inputs(example_inputs), dynamic_shapes=dynamic_shapes)
+    return capture_inputs(model, normalize_inputs(example_inputs), dynamic_shapes=dynamic_shapes,
+                          fixed_kwargs=fixed_kwargs)
 
 
-def capture_inputs(model: nn.Module, inputs: Inputs, *, dynamic_shapes: Any = None) -> Captured:
+def capture_inputs(model: nn.Module, inputs: Inputs, *, dynamic_shapes: Any = None,
+                   fixed_kwargs: dict[str, Any] | None = None) -> Captured:
     """``capture`` for inputs already normalized to ``(args, kwargs)``."""
-    run_model(model, inputs)
     notes: list[str] = []
+    if fixed_kwargs:
+        model = _WithFixedKwargs(model, dict(fixed_kwargs))
+        notes.append(f"captured with {fixed_kwargs} fixed")
+    run_model(model, inputs)
     try:
         gm = _export_whole(model, inputs, dynamic_shapes, notes)
         return Captured(gm, {"": gm}, {}, notes)

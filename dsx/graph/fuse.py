@@ -11,9 +11,9 @@ from typing import Any
 
 import torch.nn as nn
 
-from dsx.core.inputs import Inputs, model_device
+from dsx.core.inputs import Inputs, model_device, run_model
 from dsx.core.transform import Transform
-from dsx.graph.capture import capture_inputs
+from dsx.graph.capture import accepts, capture_inputs
 from dsx.graph.fx_utils import drop_unused_state
 from dsx.graph.pass_manager import available_passes, resolve, run_passes
 
@@ -33,11 +33,20 @@ class Fuse(Transform):
             self.passes = list(self.passes)
         resolve(self.passes)
 
+    @staticmethod
+    def fixed_kwargs(model: nn.Module, inputs: Inputs) -> dict[str, Any]:
+        """Keyword arguments baked into the capture: Hugging Face decoders run without a KV cache."""
+        return {"use_cache": False} if accepts(model, "use_cache") and "use_cache" not in inputs[1] else {}
+
+    def reference(self, model: nn.Module, inputs: Inputs) -> Any:
+        args, kwargs = inputs
+        return run_model(model, (args, {**kwargs, **self.fixed_kwargs(model, inputs)}))
+
     def apply(self, model: nn.Module, inputs: Inputs | None) -> tuple[nn.Module, dict[str, Any]]:
         if model.training:
             raise ValueError("fuse: the model is in training mode; call model.eval() first (fusion is for inference)")
         assert inputs is not None
-        captured = capture_inputs(model, inputs)
+        captured = capture_inputs(model, inputs, fixed_kwargs=self.fixed_kwargs(model, inputs))
         selected = resolve(self.passes, device=model_device(model).type)
         fired: Counter[str] = Counter({p.name: 0 for p in selected})
         for gm in captured.graphs.values():

@@ -1,0 +1,57 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import dsx
+from dsx.graph.fuse import Fuse, fusions
+from dsx.models import TinyResNet, randomize_batchnorm
+from tests.hf_models import tiny_hf
+
+
+def test_fuse_transform_records_fusions_and_capture_info():
+    model, kw = tiny_hf("gpt2")
+    out = Fuse()(model, kw)
+    entry = out._dsx_history[-1]
+    assert entry["transform"] == "fuse" and entry["stage"] == "fuse"
+    assert entry["info"]["captured"] == [""] and entry["info"]["eager"] == {}
+    assert any("use_cache" in n for n in entry["info"]["notes"])
+    assert fusions(out)["attention_to_sdpa"] == 2
+
+
+def test_fuse_refuses_training_mode():
+    with pytest.raises(ValueError, match="training mode"):
+        Fuse()(nn.Sequential(nn.Linear(2, 2)), torch.randn(1, 2))
+
+
+def test_fuse_in_train_mode_model_via_recipe_round_trip():
+    c = dsx.from_recipe({"transforms": [{"fuse": {"passes": ["remove_dropout", "fold_batch_norm"]}}]})
+    model = randomize_batchnorm(TinyResNet(width=8)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    out = c(model, x)
+    assert fusions(out) == {"remove_dropout": 0, "fold_batch_norm": 9}
+    assert dsx.to_recipe(c) == {"transforms": [{"fuse": {"passes": ["remove_dropout", "fold_batch_norm"]}}]}
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_fused_hf_model_saves_and_reloads_bit_exact(tmp_path, name):
+    model, kw = tiny_hf(name)
+    fused = dsx.optimize(model, kw)
+    dsx.save(fused, tmp_path / name)
+    fresh, _ = tiny_hf(name)
+    torch.manual_seed(123)
+    for p in fresh.parameters():
+        nn.init.normal_(p)
+    again = dsx.load(fresh, tmp_path / name)
+    a, b = fused.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(again(**kw).last_hidden_state, fused(**kw).last_hidden_state)
+    assert dsx.history(again) == dsx.history(fused)
+
+
+def test_folded_resnet_state_has_no_stale_batchnorm_tensors():
+    model = randomize_batchnorm(TinyResNet(width=8)).eval()
+    fused = dsx.optimize(model, torch.randn(2, 3, 16, 16))
+    keys = set(fused.state_dict())
+    assert not [k for k in keys if "running_" in k or "num_batches_tracked" in k]
+    assert not keys & {"stem.0.weight", "stem.1.weight", "stem.1.bias", "layers.0.bn1.weight"}
+    assert "stem_0_weight_bn_folded" in keys

@@ -1,0 +1,102 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dsx
+from dsx.models import TinyGPT, TinyResNet, randomize_batchnorm
+from tests.hf_models import tiny_hf
+
+# Rewrite counts on the CPU default pass set (bias_act is CUDA-only by default); every model has 2 layers.
+EXPECTED = {
+    "bert": {"remove_dropout": 7, "attention_to_sdpa": 2, "add_layer_norm": 4},
+    "gpt2": {"remove_dropout": 7, "attention_to_sdpa": 2, "add_layer_norm": 4},
+    "llama": {"remove_dropout": 2, "attention_to_sdpa": 2, "add_rms_norm": 4, "rms_norm": 1, "gated_mlp": 2},
+    "vit": {"remove_dropout": 7, "attention_to_sdpa": 2, "add_layer_norm": 4},
+    "resnet": {"fold_batch_norm": 9},
+    "gpt": {"remove_dropout": 6, "attention_to_sdpa": 2, "add_layer_norm": 4},
+}
+
+
+def build(name):
+    torch.manual_seed(0)
+    if name == "resnet":
+        return randomize_batchnorm(TinyResNet(width=8)).eval(), (torch.randn(2, 3, 16, 16),)
+    if name == "gpt":
+        return TinyGPT(vocab=64, dim=32, layers=2, heads=4, max_len=16).eval(), (torch.randint(0, 64, (2, 16)),)
+    return tiny_hf(name)
+
+
+def first(out):
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def call(m, inputs):
+    return m(**inputs) if isinstance(inputs, dict) else m(*inputs)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_optimize_matches_eager_fires_expected_passes_and_leaves_model_alone(name):
+    model, inputs = build(name)
+    before = copy.deepcopy(model.state_dict())
+    opt = dsx.optimize(model, inputs)
+    fired = {k: v for k, v in dsx.fusions(opt).items() if v}
+    assert fired == EXPECTED[name]
+    with torch.no_grad():
+        ref, out = first(call(model, inputs)), first(call(opt, inputs))
+    rel = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert rel < 1e-4
+    assert opt._dsx_history[-1]["error"]["max_rel"] < 1e-4
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert not isinstance(model, torch.fx.GraphModule)
+
+
+def test_all_passes_on_cpu_include_bias_act():
+    model, inputs = build("bert")
+    assert dsx.fusions(dsx.optimize(model, inputs, passes="all"))["bias_act"] == 2
+
+
+def test_training_model_is_optimized_in_eval_and_caller_keeps_its_mode():
+    model, inputs = build("gpt")
+    model.train()
+    opt = dsx.optimize(model, inputs)
+    assert model.training and not opt.training
+    assert dsx.fusions(opt)["remove_dropout"] == 6
+
+
+def test_inplace_returns_an_optimized_model():
+    model, inputs = build("resnet")
+    opt = dsx.optimize(model, inputs, inplace=True)
+    assert dsx.fusions(opt)["fold_batch_norm"] == 9
+
+
+def test_bad_input_errors_name_the_argument():
+    model, inputs = build("resnet")
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        dsx.optimize(lambda x: x, inputs)
+    with pytest.raises(TypeError, match="example_inputs"):
+        dsx.optimize(model, "an image")
+    with pytest.raises(ValueError, match="example_inputs: the model raised"):
+        dsx.optimize(model, torch.randn(2, 5, 16, 16))
+    with pytest.raises(ValueError, match="unknown pass 'fuse_all'"):
+        dsx.optimize(model, inputs, passes=["fuse_all"])
+    with pytest.raises(ValueError, match="example_inputs are required"):
+        dsx.Fuse()(model)
+
+
+def test_verification_error_past_tolerance(monkeypatch):
+    from dsx.graph import fuse as fuse_mod
+    from dsx.graph.pass_manager import GraphPass
+
+    def corrupt(gm):
+        with torch.no_grad():
+            next(gm.parameters()).add_(1.0)
+        return 1
+
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    bad = GraphPass("corrupt", corrupt)
+    monkeypatch.setattr(fuse_mod, "resolve", lambda passes, device="cuda": [bad])
+    with pytest.raises(dsx.VerificationError, match="fuse: outputs differ"):
+        dsx.optimize(model, torch.randn(2, 4))
