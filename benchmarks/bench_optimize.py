@@ -34,7 +34,7 @@ def build(name: str, dev: str):
     if name == "llama":
         cfg = T.LlamaConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
                             intermediate_size=688, vocab_size=4096, attn_implementation="eager")
-        return T.LlamaModel(cfg), (), {"input_ids": torch.randint(0, 4096, (8, 128))}
+        return T.LlamaModel(cfg), (), {"input_ids": torch.randint(0, 4096, (8, 128)), "use_cache": False}
     raise SystemExit(f"unknown model {name!r}: choose from gpt, resnet, bert, llama")
 
 

@@ -18,10 +18,3 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def kernel_device() -> str:
-    """Where kernel tests launch Triton: CUDA when present and not interpreting, else CPU (interpreter)."""
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return "cuda"
-    return "cpu"

@@ -127,7 +127,8 @@ class Transform(abc.ABC):
         check_module(model)
         inputs = None if example_inputs is None else normalize_inputs(example_inputs)
         if inputs is None and self.needs_inputs:
-            raise ValueError(f"{self.name}: example_inputs are required (a Tensor, a tuple of args or a dict of kwargs)")
+            raise ValueError(f"{self.name}: example_inputs are required "
+                             "(a Tensor, a tuple of args or a dict of kwargs)")
         self.check_order(model)
         reference = self.reference(model, inputs) if inputs is not None and self.verify else None
         past = history(model)

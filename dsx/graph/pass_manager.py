@@ -30,10 +30,13 @@ class GraphPass:
 _REGISTRY: dict[str, GraphPass] = {}
 
 
-def register(name: str, *, kernel: bool = False, cpu: bool = True) -> Callable[[Callable[[fx.GraphModule], int]], Callable]:
+PassFn = Callable[[fx.GraphModule], int]
+
+
+def register(name: str, *, kernel: bool = False, cpu: bool = True) -> Callable[[PassFn], PassFn]:
     """Decorator adding a pass function to the registry under ``name`` (registration order = run order)."""
 
-    def deco(fn: Callable[[fx.GraphModule], int]) -> Callable[[fx.GraphModule], int]:
+    def deco(fn: PassFn) -> PassFn:
         if name in _REGISTRY:
             raise ValueError(f"a graph pass named {name!r} is already registered")
         doc = (fn.__doc__ or "").strip().splitlines()

@@ -28,3 +28,7 @@ def use_triton(x: torch.Tensor) -> bool:
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (block size for a whole row)."""
     return 1 << max(0, (n - 1).bit_length())
+
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""Dtypes the dsx Triton kernels take; other dtypes (e.g. float64) use the ATen path."""

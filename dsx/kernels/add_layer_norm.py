@@ -10,10 +10,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsx.kernels._triton import next_pow2, prune_for_interpreter, use_triton
+from dsx.kernels._triton import TRITON_DTYPES, next_pow2, prune_for_interpreter, use_triton
 
 MAX_BLOCK = 65536
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.autotune(
@@ -87,7 +86,7 @@ def reference(
 def _add_layer_norm_op(
     x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(x) and x.dtype in _TRITON_DTYPES and x.shape[-1] <= MAX_BLOCK:
+    if use_triton(x) and x.dtype in TRITON_DTYPES and x.shape[-1] <= MAX_BLOCK:
         return _launch(x, residual, weight, bias, eps, wrap_triton(_add_layer_norm_fwd))
     return reference(x, residual, weight, bias, eps)
 

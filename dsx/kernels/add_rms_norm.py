@@ -10,10 +10,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsx.kernels._triton import next_pow2, prune_for_interpreter, use_triton
+from dsx.kernels._triton import TRITON_DTYPES, next_pow2, prune_for_interpreter, use_triton
 
 MAX_BLOCK = 65536
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.autotune(
@@ -96,7 +95,7 @@ def reference(
 
 
 def _use_kernel(x: torch.Tensor) -> bool:
-    return use_triton(x) and x.dtype in _TRITON_DTYPES and x.shape[-1] <= MAX_BLOCK
+    return use_triton(x) and x.dtype in TRITON_DTYPES and x.shape[-1] <= MAX_BLOCK
 
 
 @triton_op("dsx::add_rms_norm", mutates_args=())

@@ -3,18 +3,17 @@
 Fusing the Linear bias into its GELU/SiLU/ReLU epilogue reads and writes the activation once instead of twice.
 """
 
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import CustomOpDef, triton_op, wrap_triton
 
-from dsx.kernels._triton import prune_for_interpreter, use_triton
+from dsx.kernels._triton import TRITON_DTYPES, prune_for_interpreter, use_triton
 
 ACTS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "relu": 3}
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ELEMENTWISE_CONFIGS = [
     triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((256, 2), (1024, 4), (2048, 8), (4096, 8))
 ]
@@ -83,6 +82,24 @@ def activation_backward(grad: torch.Tensor, h: torch.Tensor, act: str) -> torch.
     return torch.ops.aten.gelu_backward(grad, h, approximate="tanh" if act == "gelu_tanh" else "none")
 
 
+def register_act_op(op: CustomOpDef, check: Callable, backward: Callable) -> None:
+    """Register the fake and autograd of an ``(a, b, act)`` op whose output is shaped and typed like ``a``.
+
+    ``check(a, b, act)`` validates the fake's arguments; ``backward`` finds ``a, b`` saved and ``ctx.act`` set.
+    """
+
+    def fake(a, b, act):
+        check(a, b, act)
+        return a.new_empty(a.shape)
+
+    def setup(ctx, inputs, output):
+        a, b, ctx.act = inputs
+        ctx.save_for_backward(a, b)
+
+    op.register_fake(fake)
+    op.register_autograd(backward, setup_context=setup)
+
+
 def _check(x: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> int:
     if x.dim() == 0:
         raise ValueError("bias_act: x must have at least one dimension")
@@ -91,13 +108,13 @@ def _check(x: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> int:
     return check_act(act)
 
 
-def _launch(x: torch.Tensor, bias: Optional[torch.Tensor], act: str, wrap: Callable = lambda k: k) -> torch.Tensor:
+def _launch(x: torch.Tensor, bias: Optional[torch.Tensor], act: str, kernel: Any = _bias_act_fwd) -> torch.Tensor:
     code = _check(x, bias, act)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     numel, n = x.numel(), x.shape[-1]
     if numel:
         x2 = x.reshape(-1, n)
-        wrap(_bias_act_fwd)[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
+        kernel[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
             x2, bias, y, x2.stride(0), x2.stride(1), 0 if bias is None else bias.stride(0), numel, n,
             HAS_BIAS=bias is not None, ACT=code,
         )
@@ -120,20 +137,9 @@ def reference(x: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.
 
 @triton_op("dsx::bias_act", mutates_args=())
 def _bias_act_op(x: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.Tensor:
-    if use_triton(x) and x.dtype in _TRITON_DTYPES:
-        return _launch(x, bias, act, wrap_triton)
+    if use_triton(x) and x.dtype in TRITON_DTYPES:
+        return _launch(x, bias, act, wrap_triton(_bias_act_fwd))
     return reference(x, bias, act)
-
-
-@_bias_act_op.register_fake
-def _(x, bias, act):
-    _check(x, bias, act)
-    return x.new_empty(x.shape)
-
-
-def _setup(ctx, inputs, output):
-    x, bias, ctx.act = inputs
-    ctx.save_for_backward(x, bias)
 
 
 def _backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], None]:
@@ -146,7 +152,7 @@ def _backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional
     return dh.to(x.dtype), dbias, None
 
 
-_bias_act_op.register_autograd(_backward, setup_context=_setup)
+register_act_op(_bias_act_op, _check, _backward)
 
 
 def bias_act(x: torch.Tensor, bias: Optional[torch.Tensor], act: str = "gelu") -> torch.Tensor:

@@ -3,19 +3,18 @@
 Gated MLPs (Llama, Mistral, Gemma) otherwise write ``act(gate)`` to memory only to read it back for the product.
 """
 
-from typing import Callable, Tuple
+from typing import Any, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsx.kernels._triton import prune_for_interpreter, use_triton
+from dsx.kernels._triton import TRITON_DTYPES, prune_for_interpreter, use_triton
 from dsx.kernels.bias_act import (
     ELEMENTWISE_CONFIGS, act_fn, activation, activation_backward, check_act, compute_dtype,
+    register_act_op,
 )
-
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.autotune(
@@ -44,13 +43,13 @@ def _check(gate: torch.Tensor, up: torch.Tensor, act: str) -> int:
     return check_act(act)
 
 
-def _launch(gate: torch.Tensor, up: torch.Tensor, act: str, wrap: Callable = lambda k: k) -> torch.Tensor:
+def _launch(gate: torch.Tensor, up: torch.Tensor, act: str, kernel: Any = _gated_act_fwd) -> torch.Tensor:
     code = _check(gate, up, act)
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     numel, n = gate.numel(), gate.shape[-1]
     if numel:
         g2, u2 = gate.reshape(-1, n), up.reshape(-1, n)
-        wrap(_gated_act_fwd)[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
+        kernel[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
             g2, u2, y, g2.stride(0), g2.stride(1), u2.stride(0), u2.stride(1), numel, n, ACT=code,
         )
     return y
@@ -70,20 +69,9 @@ def reference(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
 
 @triton_op("dsx::gated_act", mutates_args=())
 def _gated_act_op(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
-    if use_triton(gate) and gate.dtype in _TRITON_DTYPES:
-        return _launch(gate, up, act, wrap_triton)
+    if use_triton(gate) and gate.dtype in TRITON_DTYPES:
+        return _launch(gate, up, act, wrap_triton(_gated_act_fwd))
     return reference(gate, up, act)
-
-
-@_gated_act_op.register_fake
-def _(gate, up, act):
-    _check(gate, up, act)
-    return gate.new_empty(gate.shape)
-
-
-def _setup(ctx, inputs, output):
-    gate, up, ctx.act = inputs
-    ctx.save_for_backward(gate, up)
 
 
 def _backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, None]:
@@ -95,7 +83,7 @@ def _backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, None
     return dgate.to(gate.dtype), dup.to(up.dtype), None
 
 
-_gated_act_op.register_autograd(_backward, setup_context=_setup)
+register_act_op(_gated_act_op, _check, _backward)
 
 
 def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:

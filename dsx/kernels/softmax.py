@@ -3,18 +3,17 @@
 Attention scores are scaled, masked and normalized in one read; a broadcast mask is read through stride-0 dims.
 """
 
-from typing import Callable, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsx.kernels._triton import next_pow2, prune_for_interpreter, use_triton
+from dsx.kernels._triton import TRITON_DTYPES, next_pow2, prune_for_interpreter, use_triton
 
 MAX_BLOCK = 65536
 MAX_DIMS = 4
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NO_MASK, _ADDITIVE, _BOOLEAN = 0, 1, 2
 
 
@@ -67,7 +66,7 @@ def _padded(t: torch.Tensor) -> Tuple[list, list]:
 
 
 def _launch(
-    x: torch.Tensor, mask: Optional[torch.Tensor], scale: float, wrap: Callable = lambda k: k
+    x: torch.Tensor, mask: Optional[torch.Tensor], scale: float, kernel: Any = _softmax_fwd
 ) -> torch.Tensor:
     _check(x, mask)
     if x.dim() > MAX_DIMS:
@@ -77,7 +76,7 @@ def _launch(
     m_strides = [0] * MAX_DIMS if mask is None else _padded(mask.expand(x.shape))[1]
     kind = _NO_MASK if mask is None else _BOOLEAN if mask.dtype == torch.bool else _ADDITIVE
     if x.numel():
-        wrap(_softmax_fwd)[(x.numel() // n,)](
+        kernel[(x.numel() // n,)](
             x, mask, y, h, q, n, *x_strides, *m_strides, float(scale), MASK_KIND=kind, BLOCK=next_pow2(n),
         )
     return y
@@ -104,8 +103,8 @@ def reference(x: torch.Tensor, mask: Optional[torch.Tensor], scale: float) -> to
 
 @triton_op("dsx::scaled_masked_softmax", mutates_args=())
 def _softmax_op(x: torch.Tensor, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    if use_triton(x) and x.dtype in _TRITON_DTYPES and x.dim() <= MAX_DIMS and x.shape[-1] <= MAX_BLOCK:
-        return _launch(x, mask, scale, wrap_triton)
+    if use_triton(x) and x.dtype in TRITON_DTYPES and x.dim() <= MAX_DIMS and x.shape[-1] <= MAX_BLOCK:
+        return _launch(x, mask, scale, wrap_triton(_softmax_fwd))
     return reference(x, mask, scale)
 
 

@@ -1,34 +1,13 @@
 """Tests for dsx.kernels.add_rms_norm: Triton kernel (interpreted on CPU) and ops vs the float64 reference,
 Hugging Face Llama numerics, gradients, torch.compile and torch.export."""
 
-import os
-
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dsx.kernels import add_rms_norm as k
-
-DEVICE = torch.device(
-    "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
-)
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-# The Triton interpreter truncates fp32 -> bf16 casts (GPUs round to nearest even), doubling bf16 error.
-KERNEL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2 if DEVICE.type == "cuda" else 2e-2}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-
-
-def make(rows: int, cols: int, dtype: torch.dtype, layout: str) -> torch.Tensor:
-    """A (rows, cols) tensor that is contiguous, a column slice (row stride > cols) or a transposed view."""
-    if layout == "sliced":
-        return torch.randn(rows, cols + 3, device=DEVICE).to(dtype)[:, 1:cols + 1]
-    if layout == "transposed":
-        return torch.randn(cols, rows, device=DEVICE).to(dtype).t()
-    return torch.randn(rows, cols, device=DEVICE).to(dtype)
+from tests.kernels.kernel_testing import DEVICE, KERNEL_TOL, TOL, f64, make, rel_err
 
 
 @given(
@@ -41,8 +20,7 @@ def test_triton_kernel_matches_reference(rows, cols, dtype, layout, residual, we
     r = make(rows, cols, dtype, layout) if residual else None
     w = torch.randn(cols, device=DEVICE).to(dtype) if weight else None
     out, s = k.add_rms_norm_triton(x, r, w, 1e-6)
-    f64 = [None if t is None else t.double() for t in (x, r, w)]
-    ref, ref_s = k.reference(*f64, 1e-6)
+    ref, ref_s = k.reference(*f64(x, r, w), 1e-6)
     assert out.dtype == s.dtype == dtype and out.shape == x.shape
     assert rel_err(out, ref) < KERNEL_TOL[dtype]
     assert rel_err(s, ref_s) < KERNEL_TOL[dtype]

@@ -1,8 +1,6 @@
 """Tests for dsx.kernels.bias_act: Triton kernel (interpreted on CPU) and op vs the float64 reference, activation
 names, gradients, torch.compile and torch.export."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,31 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dsx.kernels import bias_act as k
+from tests.kernels.kernel_testing import DEVICE, KERNEL_TOL, TOL, f64, make, rel_err
 
-DEVICE = torch.device(
-    "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
-)
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-# The Triton interpreter truncates fp32 -> bf16 casts (GPUs round to nearest even), doubling bf16 error.
-KERNEL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2 if DEVICE.type == "cuda" else 2e-2}
 ACTS = list(k.ACTS)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-
-
-def make(rows: int, cols: int, dtype: torch.dtype, layout: str) -> torch.Tensor:
-    """A (rows, cols) tensor that is contiguous, a column slice (row stride > cols) or a transposed view."""
-    if layout == "sliced":
-        return torch.randn(rows, cols + 3, device=DEVICE).to(dtype)[:, 1:cols + 1]
-    if layout == "transposed":
-        return torch.randn(cols, rows, device=DEVICE).to(dtype).t()
-    return torch.randn(rows, cols, device=DEVICE).to(dtype)
-
-
-def f64(t):
-    return None if t is None else t.double()
 
 
 @given(
@@ -47,7 +23,7 @@ def test_triton_kernel_matches_reference(rows, cols, dtype, layout, act, has_bia
     bias = torch.randn(2 * cols, device=DEVICE).to(dtype)[::2 if strided_bias else 1][:cols] if has_bias else None
     out = k.bias_act_triton(x, bias, act)
     assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
-    assert rel_err(out, k.reference(f64(x), f64(bias), act)) < KERNEL_TOL[dtype]
+    assert rel_err(out, k.reference(*f64(x, bias), act)) < KERNEL_TOL[dtype]
 
 
 def test_triton_kernel_leading_dims_and_empty():

@@ -1,8 +1,6 @@
 """Tests for dsx.kernels.softmax: Triton kernel (interpreted on CPU) and op vs the float64 reference with broadcast
 additive / boolean masks, fully masked rows, gradients, torch.compile and torch.export."""
 
-import os
-
 import pytest
 import torch
 from hypothesis import given
@@ -10,23 +8,10 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsx.kernels import softmax as k
+from tests.kernels.kernel_testing import DEVICE, KERNEL_TOL, TOL, f64, rel_err
 
-DEVICE = torch.device(
-    "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
-)
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-# The Triton interpreter truncates fp32 -> bf16 casts (GPUs round to nearest even), doubling bf16 error.
-KERNEL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2 if DEVICE.type == "cuda" else 2e-2}
 # masks for x [B, H, Q, N]: which of B, H, Q the mask keeps (1) or broadcasts (0); "row" is a 1-D [N] mask
 MASK_SHAPES = {"none": None, "key": (1, 0, 0), "query_key": (1, 0, 1), "full": (1, 1, 1), "row": (0, 0, 0)}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-
-
-def f64(t):
-    return t if t is None or t.dtype == torch.bool else t.double()
 
 
 def make_mask(x: torch.Tensor, kind: str, boolean: bool) -> torch.Tensor | None:
@@ -59,7 +44,7 @@ def test_triton_kernel_matches_reference(b, h, q, n, dtype, layout, mask_kind, b
     mask = make_mask(x, mask_kind, boolean)
     out = k.scaled_masked_softmax_triton(x, mask, scale)
     assert out.dtype == dtype and out.shape == x.shape
-    assert rel_err(out, k.reference(x.double(), f64(mask), scale)) < KERNEL_TOL[dtype]
+    assert rel_err(out, k.reference(*f64(x, mask), scale)) < KERNEL_TOL[dtype]
 
 
 class _Allocations(TorchDispatchMode):
@@ -112,7 +97,7 @@ def test_op_cpu_matches_reference(dtype, boolean):
     x = torch.randn(2, 3, 4, 129).to(dtype)
     mask = make_mask(x, "query_key", boolean)
     out = torch.ops.dsx.scaled_masked_softmax(x, mask, 0.3)
-    assert out.dtype == dtype and rel_err(out, k.reference(x.double(), f64(mask), 0.3)) < TOL[dtype]
+    assert out.dtype == dtype and rel_err(out, k.reference(*f64(x, mask), 0.3)) < TOL[dtype]
     assert rel_err(k.scaled_masked_softmax(x), torch.softmax(x.double(), -1)) < TOL[dtype]
 
 
