@@ -26,7 +26,9 @@ def make_mask(x: torch.Tensor, kind: str, boolean: bool) -> torch.Tensor | None:
         mask = torch.rand(shape, device=x.device) > 0.4
         mask[..., 0] = True
         return mask
-    return torch.where(torch.rand(shape, device=x.device) > 0.4, 0.0, -1e4) + torch.randn(shape, device=x.device)
+    mask = torch.where(torch.rand(shape, device=x.device) > 0.4, 0.0, -1e4) + torch.randn(shape, device=x.device)
+    mask[..., 0] = torch.randn(mask[..., 0].shape, device=x.device)
+    return mask
 
 
 @given(
