@@ -89,3 +89,19 @@ def test_default_instance_and_bad_pass_name():
     assert isinstance(compile_backend(), DsxBackend)
     with pytest.raises(ValueError, match="unknown pass"):
         compile_backend(passes=["fuse_everything"])
+
+
+def test_new_shapes_stay_correct_and_static_compiles_keep_the_passes():
+    torch.manual_seed(0)
+    m = TinyGPT(vocab=64, dim=32, layers=1, heads=4, max_len=32, dropout=0.0).eval()
+    shapes = ((2, 16), (3, 16), (4, 8))
+    for dynamic, rewritten in ((None, 1), (False, 3)):
+        torch._dynamo.reset()
+        backend = compile_backend()
+        f = torch.compile(m, backend=backend, dynamic=dynamic)
+        with torch.no_grad():
+            for b, t in shapes:
+                x = torch.randint(0, 64, (b, t))
+                torch.testing.assert_close(f(x), m(x), rtol=1e-4, atol=1e-4)
+        assert sum("fusions" in r for r in backend.reports) == rewritten, backend.reports
+        assert all(r["fusions"]["attention_to_sdpa"] == 1 for r in backend.reports if "fusions" in r)
