@@ -15,15 +15,17 @@ from dsx.graph.fuse import Fuse
 
 
 def optimize(model: nn.Module, example_inputs: Any, *, passes: list[str] | str | None = None,
-             inplace: bool = False, verify: bool = True) -> nn.Module:
+             dynamic_batch: bool = False, inplace: bool = False, verify: bool = True) -> nn.Module:
     """Capture ``model`` on ``example_inputs``, run the dsx fusion passes and verify the result.
 
     ``passes``: ``None`` for the default set of the model's device, ``"all"``, or a list of pass names
-    (``dsx.available_passes()``). The result is for inference; ``dsx.fusions(result)`` and
-    ``dsx.summary(result)`` report what fired. Raises ``dsx.VerificationError`` if outputs drift.
+    (``dsx.available_passes()``). The result accepts the example shapes only, unless ``dynamic_batch=True``
+    (dim 0 of every input may vary; the example needs a batch of 2 or more). It is for inference;
+    ``dsx.fusions(result)`` and ``dsx.summary(result)`` report what fired. Raises ``dsx.VerificationError``
+    if outputs drift.
     """
     check_module(model)
     if model.training:
         model = (model if inplace else copy.deepcopy(model)).eval()
         inplace = True
-    return Fuse(passes, inplace=inplace, verify=verify)(model, example_inputs)
+    return Fuse(passes, dynamic_batch, inplace=inplace, verify=verify)(model, example_inputs)

@@ -100,3 +100,31 @@ def test_verification_error_past_tolerance(monkeypatch):
     monkeypatch.setattr(fuse_mod, "resolve", lambda passes, device="cuda": [bad])
     with pytest.raises(dsx.VerificationError, match="fuse: outputs differ"):
         dsx.optimize(model, torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama", "resnet"])
+def test_dynamic_batch_serves_other_batch_sizes(name, tmp_path):
+    model, inputs = build(name)
+    opt = dsx.optimize(model, inputs, dynamic_batch=True)
+    assert {k: v for k, v in dsx.fusions(opt).items() if v} == EXPECTED[name]
+    if isinstance(inputs, dict):
+        inputs = {**inputs, "use_cache": False}
+    for batch in (1, 5):
+        bigger = {k: v[:1].repeat(batch, *[1] * (v.dim() - 1)) if isinstance(v, torch.Tensor) else v
+                  for k, v in inputs.items()} if isinstance(inputs, dict) else \
+            tuple(v[:1].repeat(batch, *[1] * (v.dim() - 1)) for v in inputs)
+        with torch.no_grad():
+            out, ref = first(call(opt, {k: v for k, v in bigger.items() if k != "use_cache"}
+                                  if isinstance(bigger, dict) else bigger)), first(call(model, bigger))
+        assert out.shape[0] == batch
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    dsx.save(opt, tmp_path / "m")
+    fresh, _ = build(name)
+    again = dsx.load(fresh, tmp_path / "m")
+    assert again._dsx_history[-1]["config"]["dynamic_batch"] is True
+
+
+def test_dynamic_batch_needs_a_batch_of_two():
+    model, _ = build("resnet")
+    with pytest.raises(ValueError, match="dynamic_batch needs a batch size >= 2"):
+        dsx.optimize(model, torch.randn(1, 3, 16, 16), dynamic_batch=True)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from dsx.core.inputs import Inputs, check_module, normalize_inputs, run_model
 
@@ -35,6 +36,7 @@ class _WithFixedKwargs(nn.Module):
         super().__init__()
         self.inner = inner
         self.fixed = fixed
+        self.train(inner.training)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.inner(*args, **kwargs, **self.fixed)
@@ -45,11 +47,27 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
+def batch_dynamic_shapes(model: nn.Module, inputs: Inputs) -> dict[str, Any]:
+    """torch.export ``dynamic_shapes`` for ``model`` marking dim 0 of every input tensor of size >= 2 as a batch
+    dim (``Dim.AUTO``: dynamic where the model allows, specialized where it does not)."""
+    args, kwargs = inputs
+    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+
+    def mark(x: Any) -> Any:
+        batched = isinstance(x, torch.Tensor) and x.dim() and x.shape[0] >= 2
+        return {0: torch.export.Dim.AUTO} if batched else None
+
+    return {name: pytree.tree_map(mark, value) for name, value in bound.items()}
+
+
 def export_graph(model: nn.Module, inputs: Inputs, *, dynamic_shapes: Any = None,
                  guards: bool = True) -> fx.GraphModule:
     """``torch.export`` (non-strict) to a plain, picklable GraphModule in eval mode with the same call
-    signature; ``guards=False`` drops export's input-shape guards (when the caller guards, as dynamo does)."""
+    signature; ``guards=False`` drops export's input-shape guards (when the caller guards, as dynamo does).
+    ``dynamic_shapes="batch"`` keeps dim 0 of every input dynamic (see ``batch_dynamic_shapes``)."""
     args, kwargs = inputs
+    if dynamic_shapes == "batch":
+        dynamic_shapes = batch_dynamic_shapes(model, inputs)
     unlifted = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False).module()
     if not guards:
         for node in list(unlifted.graph.nodes):
@@ -66,21 +84,31 @@ def accepts(model: nn.Module, name: str) -> bool:
         return False
 
 
-def _export_whole(model: nn.Module, inputs: Inputs, dynamic_shapes: Any, notes: list[str]) -> fx.GraphModule:
-    """Export the whole model; retry without a KV cache output for Hugging Face decoders."""
+def _with(inputs: Inputs, fixed: dict[str, Any]) -> Inputs:
+    return inputs[0], {**inputs[1], **fixed}
+
+
+def _wrap(module: nn.Module, fixed: dict[str, Any]) -> nn.Module:
+    return _WithFixedKwargs(module, fixed) if fixed else module
+
+
+def _export_whole(model: nn.Module, inputs: Inputs, fixed: dict[str, Any], dynamic_shapes: Any,
+                  notes: list[str]) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """Export the whole model with the fixed kwargs; retry without a KV cache for Hugging Face decoders.
+    Returns the graph and the kwargs it was exported with (the caller re-applies them on every call)."""
     try:
-        return export_graph(model, inputs, dynamic_shapes=dynamic_shapes)
+        return export_graph(model, _with(inputs, fixed), dynamic_shapes=dynamic_shapes), fixed
     except Exception as first:
-        args, kwargs = inputs
-        if not accepts(model, "use_cache") or "use_cache" in kwargs:
+        if fixed or not accepts(model, "use_cache") or "use_cache" in inputs[1]:
             raise
+        retry = {"use_cache": False}
         try:
-            gm = export_graph(_WithFixedKwargs(model, {"use_cache": False}), inputs, dynamic_shapes=dynamic_shapes)
+            gm = export_graph(model, _with(inputs, retry), dynamic_shapes=dynamic_shapes)
         except Exception:
             raise first from None
         notes.append("exported with use_cache=False (the KV-cache object is not exportable); "
                      "the captured model returns no past_key_values")
-        return gm
+        return gm, retry
 
 
 def _record_calls(model: nn.Module, inputs: Inputs) -> dict[str, list[Inputs]]:
@@ -105,57 +133,65 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def _capture_parts(root: nn.Module, prefix: str, calls: dict[str, list[Inputs]], out: Captured) -> None:
+def _capture_parts(root: nn.Module, prefix: str, calls: dict[str, list[Inputs]], out: Captured,
+                   dynamic_batch: bool) -> None:
     """Capture each child of ``root`` that was called exactly once; descend into those that fail."""
     for child_name, child in root.named_children():
         name = f"{prefix}.{child_name}" if prefix else child_name
         seen = calls.get(name, [])
         if len(seen) == 1:
             try:
-                gm = export_graph(child, seen[0])
+                gm = export_graph(child, seen[0], dynamic_shapes="batch" if dynamic_batch else None)
             except Exception as e:
                 has_children = any(True for _ in child.children())
                 out.eager[name] = _short(e) + (" (its own forward runs eager, submodules captured where possible)"
                                                if has_children else "")
                 if has_children:
-                    _capture_parts(child, name, calls, out)
+                    _capture_parts(child, name, calls, out, dynamic_batch)
                 continue
             _set_submodule(out.module, name, gm)
             out.graphs[name] = gm
         elif seen:
             out.eager[name] = f"called {len(seen)} times per forward; kept eager to keep every call shape-correct"
-            _capture_parts(child, name, calls, out)
+            _capture_parts(child, name, calls, out, dynamic_batch)
         else:
-            _capture_parts(child, name, calls, out)
+            _capture_parts(child, name, calls, out, dynamic_batch)
 
 
-def capture(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None,
+def capture(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None, dynamic_batch: bool = False,
             fixed_kwargs: dict[str, Any] | None = None) -> Captured:
     """Capture ``model`` on ``example_inputs`` as ATen fx graphs; the caller's model is not modified.
 
     The whole model is exported when possible (``Captured.module`` is then a GraphModule sharing the
     model's parameters). Otherwise each submodule is exported on the inputs it received, and the parts
-    that still fail stay eager, named with the reason in ``Captured.eager``. ``fixed_kwargs`` are passed
-    on every call and baked into the capture (e.g. ``{"use_cache": False}``).
+    that still fail stay eager, named with the reason in ``Captured.eager``. ``dynamic_batch=True`` keeps
+    dim 0 of the inputs dynamic (``dynamic_shapes`` gives torch.export's full control instead);
+    ``fixed_kwargs`` are passed on every call and baked into the capture (e.g. ``{"use_cache": False}``).
     """
     check_module(model)
     return capture_inputs(model, normalize_inputs(example_inputs), dynamic_shapes=dynamic_shapes,
-                          fixed_kwargs=fixed_kwargs)
+                          dynamic_batch=dynamic_batch, fixed_kwargs=fixed_kwargs)
 
 
-def capture_inputs(model: nn.Module, inputs: Inputs, *, dynamic_shapes: Any = None,
+def capture_inputs(model: nn.Module, inputs: Inputs, *, dynamic_shapes: Any = None, dynamic_batch: bool = False,
                    fixed_kwargs: dict[str, Any] | None = None) -> Captured:
     """``capture`` for inputs already normalized to ``(args, kwargs)``."""
-    notes: list[str] = []
-    if fixed_kwargs:
-        model = _WithFixedKwargs(model, dict(fixed_kwargs))
-        notes.append(f"captured with {fixed_kwargs} fixed")
-    run_model(model, inputs)
+    fixed = dict(fixed_kwargs or {})
+    notes = [f"captured with {fixed} fixed"] if fixed else []
+    if dynamic_batch and dynamic_shapes is None:
+        small = [tuple(x.shape) for x in pytree.tree_leaves(inputs)
+                 if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] < 2)]
+        if small:
+            raise ValueError(f"example_inputs: dynamic_batch needs a batch size >= 2 in every input tensor "
+                             f"(export specializes sizes 0 and 1); got shapes {small}")
+        dynamic_shapes = "batch"
+    run_model(model, _with(inputs, fixed))
     try:
-        gm = _export_whole(model, inputs, dynamic_shapes, notes)
-        return Captured(gm, {"": gm}, {}, notes)
+        gm, used = _export_whole(model, inputs, fixed, dynamic_shapes, notes)
+        return Captured(_wrap(gm, used), {"": gm}, {}, notes)
     except Exception as e:
         notes.append(f"whole-model export failed ({_short(e)}); captured submodules separately")
     out = Captured(copy.deepcopy(model), {}, {"": notes[-1]}, notes)
-    _capture_parts(out.module, "", _record_calls(model, inputs), out)
+    _capture_parts(out.module, "", _record_calls(model, _with(inputs, fixed)), out, dynamic_batch)
+    out.module = _wrap(out.module, fixed)
     return out

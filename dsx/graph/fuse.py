@@ -20,13 +20,17 @@ from dsx.graph.pass_manager import available_passes, resolve, run_passes
 
 @dataclass
 class Fuse(Transform):
-    """Rewrite a model's graph with the dsx fusion passes (``passes=None``: the default set for its device)."""
+    """Rewrite a model's graph with the dsx fusion passes (``passes=None``: the default set for its device).
+
+    The result is specialized to the example input shapes unless ``dynamic_batch=True`` keeps dim 0 dynamic.
+    """
 
     name = "fuse"
     stage = "fuse"
     needs_inputs = True
 
     passes: list[str] | str | None = None
+    dynamic_batch: bool = False
 
     def __post_init__(self) -> None:
         if self.passes is not None and not isinstance(self.passes, str):
@@ -46,7 +50,8 @@ class Fuse(Transform):
         if model.training:
             raise ValueError("fuse: the model is in training mode; call model.eval() first (fusion is for inference)")
         assert inputs is not None
-        captured = capture_inputs(model, inputs, fixed_kwargs=self.fixed_kwargs(model, inputs))
+        captured = capture_inputs(model, inputs, dynamic_batch=self.dynamic_batch,
+                                  fixed_kwargs=self.fixed_kwargs(model, inputs))
         selected = resolve(self.passes, device=model_device(model).type)
         fired: Counter[str] = Counter({p.name: 0 for p in selected})
         for gm in captured.graphs.values():
