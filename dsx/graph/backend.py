@@ -7,6 +7,7 @@ dsx passes run there, and inductor compiles the result; AOT autograd traces the 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -17,6 +18,7 @@ from dsx.graph.capture import export_graph
 from dsx.graph.pass_manager import resolve, run_passes
 
 log = logging.getLogger("dsx")
+REPORTS_KEPT = 256
 
 
 def _graph_device(example_inputs: Sequence[Any]) -> str:
@@ -35,12 +37,13 @@ def lower_to_aten(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.Graph
 class DsxBackend:
     """A dynamo backend running dsx passes (``passes=None``: the default set for the graph's device).
 
-    ``reports`` collects, per compiled graph, the rewrite counts of each pass (or why the graph was skipped).
+    ``reports`` keeps, for the last ``REPORTS_KEPT`` compiled graphs, the rewrite counts of each pass (or why the
+    graph was skipped).
     """
 
     passes: list[str] | str | None = None
     inductor_config: dict[str, Any] = field(default_factory=dict)
-    reports: list[dict[str, Any]] = field(default_factory=list)
+    reports: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=REPORTS_KEPT))
 
     def __post_init__(self) -> None:
         resolve(self.passes)

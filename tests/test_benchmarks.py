@@ -1,0 +1,19 @@
+"""Smoke runs of the benchmark scripts on tiny settings: they must run and print their table (no timing asserted)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "benchmarks"
+
+
+@pytest.mark.parametrize("script,args,row", [
+    ("bench_kernels.py", ["--rows", "64", "--cols", "96", "--dtype", "fp32", "--iters", "2"], "softmax_scale_mask"),
+    ("bench_optimize.py", ["--models", "resnet", "--iters", "1", "--no-progress"], "fold_batch_norm=9"),
+])
+def test_benchmark_prints_its_table(script, args, row):
+    res = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert row in res.stdout and "device:" in res.stdout
