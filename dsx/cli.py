@@ -14,7 +14,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="optimize two built-in models and print a comparison table")
     demo.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    demo.add_argument("--iters", type=int, default=10, help="timed runs per configuration (median reported)")
+    demo.add_argument("--iters", type=int, default=50, help="timed runs per configuration (median reported)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sub.add_parser("passes", help="list the graph passes in run order")
     return p

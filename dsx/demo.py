@@ -31,7 +31,7 @@ def demo_models(device: str) -> list[tuple[str, nn.Module, tuple[torch.Tensor, .
             ("tiny-resnet", cnn, (torch.randn(8, 3, 32, 32, device=device),))]
 
 
-def run_demo(*, device: str | None = None, iters: int = 10, progress: bool = True) -> list[list[Any]]:
+def run_demo(*, device: str | None = None, iters: int = 50, progress: bool = True) -> list[list[Any]]:
     """Optimize and time the demo models; return the table rows (also what ``dsx demo`` prints)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
@@ -42,8 +42,9 @@ def run_demo(*, device: str | None = None, iters: int = 10, progress: bool = Tru
         compiled = torch.compile(model)
         dsx_compiled = torch.compile(model, backend=compile_backend())
         times = {}
-        for key, fn in (("eager", model), ("compile", compiled), ("dsx", opt), ("dsx+compile", dsx_compiled)):
-            times[key] = measure_ms(lambda fn=fn: fn(*inputs), warmup=2, iters=iters)
+        # Eager-style runs first: inductor's OpenMP threads keep spinning after compiled code and would slow them.
+        for key, fn in (("eager", model), ("dsx", opt), ("compile", compiled), ("dsx+compile", dsx_compiled)):
+            times[key] = measure_ms(lambda fn=fn: fn(*inputs), warmup=5, iters=iters)
         with torch.no_grad():
             err = max(compare_outputs(reference, opt(*inputs))["max_abs"],
                       compare_outputs(reference, dsx_compiled(*inputs))["max_abs"])
@@ -54,6 +55,6 @@ def run_demo(*, device: str | None = None, iters: int = 10, progress: bool = Tru
     return rows
 
 
-def main(*, device: str | None = None, iters: int = 10, progress: bool = True) -> None:
+def main(*, device: str | None = None, iters: int = 50, progress: bool = True) -> None:
     rows = run_demo(device=device, iters=iters, progress=progress)
     print(text_table(HEADERS, rows))

@@ -14,13 +14,11 @@ import torch.fx as fx
 
 @dataclass(frozen=True)
 class GraphPass:
-    """One rewrite: a name, the function that applies it, whether it emits a dsx kernel op, and whether it
-    pays off on CPU (where the kernel op runs its ATen path) so the default CPU selection includes it."""
+    """One rewrite: a name, the function that applies it, and whether it emits a dsx kernel op."""
 
     name: str
     fn: Callable[[fx.GraphModule], int]
     kernel: bool = False
-    cpu: bool = True
     doc: str = ""
 
     def __call__(self, gm: fx.GraphModule) -> int:
@@ -33,14 +31,14 @@ _REGISTRY: dict[str, GraphPass] = {}
 PassFn = Callable[[fx.GraphModule], int]
 
 
-def register(name: str, *, kernel: bool = False, cpu: bool = True) -> Callable[[PassFn], PassFn]:
+def register(name: str, *, kernel: bool = False) -> Callable[[PassFn], PassFn]:
     """Decorator adding a pass function to the registry under ``name`` (registration order = run order)."""
 
     def deco(fn: PassFn) -> PassFn:
         if name in _REGISTRY:
             raise ValueError(f"a graph pass named {name!r} is already registered")
         doc = (fn.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = GraphPass(name, fn, kernel, cpu, doc[0] if doc else "")
+        _REGISTRY[name] = GraphPass(name, fn, kernel, doc[0] if doc else "")
         return fn
 
     return deco
@@ -56,12 +54,13 @@ def available_passes() -> dict[str, GraphPass]:
 def resolve(passes: str | Iterable[str] | None = None, *, device: str = "cuda") -> list[GraphPass]:
     """Turn ``None`` / ``"all"`` / a list of names into GraphPass objects, in registry order.
 
-    ``None`` is the default set for ``device`` (on CPU, passes marked ``cpu=False`` are left out); ``"all"`` is
-    every pass. Unknown names raise ``ValueError`` listing the valid ones.
+    ``None`` is the default set for ``device``: every pass on CUDA; on CPU only the graph passes, because a
+    kernel op there runs its ATen path (the ops eager runs, plus a custom-op dispatch) and inductor fuses those
+    patterns itself. ``"all"`` is every pass. Unknown names raise ``ValueError`` listing the valid ones.
     """
     known = available_passes()
     if passes is None:
-        return [p for p in known.values() if p.cpu or device != "cpu"]
+        return [p for p in known.values() if not (p.kernel and device == "cpu")]
     if passes == "all":
         return list(known.values())
     if isinstance(passes, str):

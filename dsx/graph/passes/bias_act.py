@@ -111,7 +111,7 @@ def _addmm_to_mm(addmm: fx.Node) -> None:
     addmm.replace_all_uses_with(mm)
 
 
-@register("bias_act", kernel=True, cpu=False)
+@register("bias_act", kernel=True)
 def bias_act(gm: fx.GraphModule) -> int:
     """Fuse a bias add (linear bias, ``y + b``, GPT-2 addmm) and the GELU/SiLU/ReLU after it into ``dsx.bias_act``."""
     count, consumed = 0, set()
