@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from dsx.api import optimize
 from dsx.core.table import text_table
-from dsx.core.timing import measure_ms
+from dsx.core.timing import compare_ms
 from dsx.core.transform import compare_outputs
 from dsx.graph.backend import compile_backend
 from dsx.graph.fuse import fusions
@@ -41,10 +41,11 @@ def run_demo(*, device: str | None = None, iters: int = 50, progress: bool = Tru
         opt = optimize(model, inputs)
         compiled = torch.compile(model)
         dsx_compiled = torch.compile(model, backend=compile_backend())
-        times = {}
-        # Eager-style runs first: inductor's OpenMP threads keep spinning after compiled code and would slow them.
-        for key, fn in (("eager", model), ("dsx", opt), ("compile", compiled), ("dsx+compile", dsx_compiled)):
-            times[key] = measure_ms(lambda fn=fn: fn(*inputs), warmup=5, iters=iters)
+        # Eager-style runs are compared apart from compiled ones: inductor's OpenMP threads keep spinning
+        # after compiled code runs and would slow whatever runs next.
+        times = {**compare_ms({"eager": lambda: model(*inputs), "dsx": lambda: opt(*inputs)}, warmup=5, iters=iters),
+                 **compare_ms({"compile": lambda: compiled(*inputs), "dsx+compile": lambda: dsx_compiled(*inputs)},
+                              warmup=5, iters=iters)}
         with torch.no_grad():
             err = max(compare_outputs(reference, opt(*inputs))["max_abs"],
                       compare_outputs(reference, dsx_compiled(*inputs))["max_abs"])

@@ -1,13 +1,14 @@
 """Wall-clock timing for demos and benchmarks: warm up, then the median of repeated runs, in milliseconds.
 
-CUDA work is synchronized around each run so GPU timings are real, not launch latencies.
+CUDA work is synchronized around each run so GPU timings are real, not launch latencies; ``compare_ms``
+interleaves the candidates run by run so machine drift hits them all alike.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -27,3 +28,21 @@ def measure_ms(fn: Callable[[], Any], *, warmup: int = 3, iters: int = 10, min_t
             sync()
             samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
+
+
+def compare_ms(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 3, iters: int = 10) -> dict[str, float]:
+    """Median milliseconds of each function, timed in round-robin (one call of each per round)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        sync()
+        for _ in range(iters):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(s) for name, s in samples.items()}
