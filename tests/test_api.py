@@ -133,3 +133,16 @@ def test_dynamic_batch_needs_a_batch_of_two():
     model, _ = build("resnet")
     with pytest.raises(ValueError, match="dynamic_batch needs a batch size >= 2"):
         dsx.optimize(model, torch.randn(1, 3, 16, 16), dynamic_batch=True)
+
+
+@pytest.mark.parametrize("name,fired", [
+    ("llama", {"add_rms_norm": 4, "rms_norm": 1, "gated_mlp": 2}),
+    ("gpt2", {"remove_dropout": 5, "add_layer_norm": 4, "bias_act": 2}),
+])
+def test_bf16_models_with_default_sdpa_attention(name, fired):
+    model, kw = tiny_hf(name, attn="sdpa")
+    model = model.to(torch.bfloat16)
+    opt = dsx.optimize(model, kw, passes="all")
+    assert {k: v for k, v in dsx.fusions(opt).items() if v} == fired
+    error = opt._dsx_history[-1]["error"]
+    assert error["tolerance"] == 2e-2 and error["max_rel"] < 2e-2
