@@ -3,6 +3,7 @@
 Public API only; everything here is re-exported from the subpackages.
 """
 
+from dsx import export
 from dsx.api import optimize
 from dsx.core.compose import Compose, compose
 from dsx.core.recipe import from_recipe, to_recipe
@@ -18,6 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Captured", "Compose", "Fuse", "Summary", "Transform", "VerificationError", "available_passes", "capture",
-    "compile_backend", "compose", "from_recipe", "fusions", "history", "load", "optimize", "save", "summary",
+    "compile_backend", "compose", "export", "from_recipe", "fusions", "history", "load", "optimize", "save", "summary",
     "to_recipe",
 ]

@@ -1,7 +1,12 @@
+import importlib
+import importlib.util
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from dsx.cli import main
 from dsx.graph.pass_manager import available_passes
@@ -24,3 +29,123 @@ def test_bad_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         main(["frobnicate"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).parent.parent
+
+
+def dsx(cwd, *args, timeout=300):
+    """Run ``python -m dsx`` in ``cwd`` with the fixture factories importable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FIXTURES), str(ROOT)])}
+    return subprocess.run([sys.executable, "-m", "dsx", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def ok(res):
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def fixture(name):
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        return getattr(importlib.import_module("cli_factory"), name)()
+    finally:
+        sys.path.remove(str(FIXTURES))
+
+
+def run_onnx(path, x):
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]), session
+
+
+def test_optimize_saves_and_exports_then_summary_reads_the_save(tmp_path):
+    out = ok(dsx(tmp_path, "optimize", "cli_factory:mlp", "--input-shape", "4,16", "--passes", "all",
+                 "--dynamic-batch", "--out", "opt.dsx", "--export", "opt.onnx", "--no-progress"))
+    assert "remove_dropout=1" in out and "bias_act=1" in out
+    assert "saved: opt.dsx" in out and "exported: onnx -> opt.onnx (max abs" in out
+    x = torch.randn(3, 16)
+    got, session = run_onnx(tmp_path / "opt.onnx", x)
+    assert isinstance(session.get_inputs()[0].shape[0], str)
+    with torch.no_grad():
+        torch.testing.assert_close(got, fixture("mlp").eval()(x), rtol=1e-4, atol=1e-5)
+
+    out = ok(dsx(tmp_path, "summary", "opt.dsx"))
+    assert "tensors:  4 (parameters and persistent buffers)" in out and "elements: 676" in out
+    assert "float32  4        676       2.64 KiB" in out
+    assert "fuse       fuse   passes=all, dynamic_batch=True" in out
+
+
+def test_export_resnet_to_pt2_then_the_pt2_to_onnx(tmp_path):
+    out = ok(dsx(tmp_path, "export", "cli_factory:resnet", "net.pt2", "--input-shape", "2,3,16,16", "--no-progress"))
+    assert out.startswith("pt2 -> net.pt2 (max abs")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = fixture("resnet").eval()(x)
+    torch.testing.assert_close(torch.export.load(tmp_path / "net.pt2").module()(x), ref)
+
+    out = ok(dsx(tmp_path, "export", "net.pt2", "net.onnx", "--input-shape", "2,3,16,16", "--opset", "18",
+                 "--no-progress"))
+    assert out.startswith("onnx -> net.onnx (max abs") and "not verified" not in out
+    torch.testing.assert_close(run_onnx(tmp_path / "net.onnx", x)[0], ref, rtol=1e-4, atol=1e-5)
+    out = ok(dsx(tmp_path, "export", "cli_factory:mlp", "fast.onnx", "--input-shape", "2,16", "--no-verify",
+                 "--no-progress"))
+    assert "not verified" in out and (tmp_path / "fast.onnx").is_file()
+
+
+def test_recipe_file_with_inputs_factory(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("transforms:\n  - fuse:\n      passes: [remove_dropout]\n"
+                                          "      dynamic_batch: true\n")
+    out = ok(dsx(tmp_path, "optimize", "cli_factory:mlp", "--inputs", "cli_factory:mlp_inputs", "--recipe",
+                 "recipe.yaml", "--export", "r.onnx", "--no-progress"))
+    assert "passes=[remove_dropout], dynamic_batch=True" in out and "fusions={remove_dropout=1}" in out
+    _, session = run_onnx(tmp_path / "r.onnx", torch.randn(5, 16))
+    assert isinstance(session.get_inputs()[0].shape[0], str)
+
+
+def test_bench_prints_its_table(tmp_path):
+    out = ok(dsx(tmp_path, "bench", "cli_factory:mlp", "--input-shape", "4,16", "--iters", "2"))
+    lines = out.splitlines()
+    assert lines[0].startswith("device: cpu") and lines[1].split() == ["runtime", "ms", "vs", "eager", "max", "abs",
+                                                                     "err"]
+    rows = {ln.split("  ")[0]: ln.split() for ln in lines[3:]}
+    assert list(rows) == ["eager", "dsx.optimize", "torch.compile", "onnxruntime fp32"]
+    assert all(float(r[-1]) < 1e-4 for name, r in rows.items() if name != "eager")
+
+
+def test_plot_needs_matplotlib(tmp_path):
+    if importlib.util.find_spec("matplotlib"):
+        pytest.skip("matplotlib is installed; the error path cannot be shown")
+    res = dsx(tmp_path, "bench", "cli_factory:mlp", "--input-shape", "4,16", "--plot", "b.png")
+    assert res.returncode == 1 and res.stderr.strip() == (
+        "dsx: error: --plot needs matplotlib: pip install matplotlib (--debug shows the traceback)")
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["optimize", "nope:missing", "--input-shape", "2,3"], 1,
+     "dsx: error: MODEL 'nope:missing': cannot import module 'nope'"),
+    (["optimize", "cli_factory:mlp", "--input-shape", "2,x"], 2, "argument --input-shape: bad shape '2,x'"),
+    (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--passes", "remove_dropout,nope"], 1,
+     "dsx: error: passes: unknown pass 'nope'"),
+    (["export", "cli_factory:mlp", "out.onnx"], 1, "dsx: error: the model needs example inputs"),
+    (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--recipe", "r.yaml", "--dynamic-batch"], 2,
+     "--dynamic-batch does not apply to --recipe"),
+    (["summary", "missing.dsx"], 1, "dsx: error: summary: missing.dsx is not a directory written by dsx.save"),
+])
+def test_errors_are_one_line_with_an_exit_code(tmp_path, args, code, message):
+    res = dsx(tmp_path, *args, "--no-progress")
+    assert res.returncode == code
+    assert "Traceback" not in res.stderr
+    assert message in res.stderr.strip().splitlines()[-1]
+    if code == 1:
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    res = dsx(tmp_path, "--debug", "optimize", "nope:missing", "--input-shape", "2,3")
+    assert res.returncode == 1
+    assert "Traceback (most recent call last)" in res.stderr and "ModuleNotFoundError" in res.stderr
+    with pytest.raises(ValueError, match="cannot import module 'nope'"):
+        main(["optimize", "nope:missing", "--input-shape", "2,3", "--debug"])

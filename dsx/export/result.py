@@ -5,8 +5,16 @@ Every exporter returns one, so the CLI and callers report the same fields whatev
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from dsx.core.inputs import Inputs
+from dsx.core.transform import VerificationError
+from dsx.graph.capture import batch_dynamic_shapes
 
 
 @dataclass
@@ -23,3 +31,22 @@ class ExportResult:
     def __str__(self) -> str:
         err = "not verified" if self.max_rel is None else f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}"
         return f"{self.format} -> {self.path} ({err})"
+
+
+def prepare(model: nn.Module, inputs: Inputs, dynamic_shapes: Any) -> tuple[nn.Module, Any, list[str]]:
+    """The model to trace (an eval-mode copy if it is training), the resolved ``dynamic_shapes`` (``"batch"``
+    makes dim 0 of every input dynamic) and the notes so far."""
+    notes = []
+    if model.training:
+        model = copy.deepcopy(model).eval()
+        notes.append("exported in eval mode")
+    if dynamic_shapes == "batch":
+        dynamic_shapes = batch_dynamic_shapes(model, inputs)
+    return model, dynamic_shapes, notes
+
+
+def check_error(format: str, subject: str, err: dict[str, float], rtol: float) -> None:
+    """Raise ``VerificationError`` when ``subject`` (what ran the file) drifted past ``rtol`` from the model."""
+    if err["max_rel"] > rtol:
+        raise VerificationError(f"{format} export: {subject} differ from the model by max relative error "
+                                f"{err['max_rel']:.3g} (max abs {err['max_abs']:.3g}), over rtol {rtol:g}")

@@ -1,0 +1,124 @@
+"""ONNX translations of the dsx kernel ops (``torch.ops.dsx.*``) into standard ONNX operators, for torch.onnx.
+
+With them an optimized model exports without custom-domain nodes and with the numerics of the ops' PyTorch path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+DEFAULT_OPSET = 20
+GELU_OPSET = 20
+
+
+def translation_table(opset: int = DEFAULT_OPSET) -> dict[Any, Callable]:
+    """``{dsx op overload: onnxscript function}`` for the six dsx ops, to pass as ``torch.onnx.export``'s
+    ``custom_translation_table`` when exporting at ONNX ``opset`` (GELU is the ``Gelu`` operator from opset 20 on,
+    spelled out with ``Erf`` / ``Tanh`` below it)."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+    from onnxscript import opset20
+
+    def const(value: float, dtype: Any) -> Any:
+        return op.Constant(value=ir.tensor(value, dtype=dtype))
+
+    def compute_type(*dtypes: Any) -> Any:
+        """The dtype PyTorch computes in for these inputs: fp32 for half types, fp64 if any input is fp64."""
+        return ir.DataType.DOUBLE if ir.DataType.DOUBLE in dtypes else ir.DataType.FLOAT
+
+    def cast(x: Any, src: Any, dst: Any) -> Any:
+        """``x`` (of dtype ``src``) as ``dst``. Intermediate values carry no dtype while tracing, so every
+        dtype here comes from the function's inputs."""
+        return x if src == dst else op.Cast(x, to=dst)
+
+    def add(a: Any, b: Any) -> Any:
+        """``(a + b).to(a.dtype)``, computed in the dtype PyTorch promotes the two to."""
+        if a.dtype == b.dtype:
+            return op.Add(a, b)
+        dtype = compute_type(a.dtype, b.dtype)
+        return cast(op.Add(cast(a, a.dtype, dtype), cast(b, b.dtype, dtype)), dtype, a.dtype)
+
+    def gelu(h: Any, dtype: Any, approximate: str) -> Any:
+        if opset >= GELU_OPSET:
+            return opset20.Gelu(h, approximate=approximate)
+        if approximate == "tanh":
+            cube = op.Mul(h, op.Mul(h, h))
+            inner = op.Mul(op.Add(h, op.Mul(cube, const(0.044715, dtype))), const(math.sqrt(2 / math.pi), dtype))
+            return op.Mul(op.Mul(h, const(0.5, dtype)), op.Add(op.Tanh(inner), const(1.0, dtype)))
+        erf = op.Erf(op.Mul(h, const(math.sqrt(0.5), dtype)))
+        return op.Mul(op.Mul(h, const(0.5, dtype)), op.Add(erf, const(1.0, dtype)))
+
+    def activation(h: Any, dtype: Any, act: str) -> Any:
+        """``act(h)`` for ``h`` of dtype ``dtype``, as ``dsx.kernels.bias_act.activation`` defines it."""
+        if act == "relu":
+            return op.Relu(h)
+        if act == "silu":
+            return op.Mul(h, op.Sigmoid(h))
+        return gelu(h, dtype, "tanh" if act == "gelu_tanh" else "none")
+
+    def rms(s: Any, dtype: Any, weight: Any, eps: float) -> Any:
+        """Llama RMSNorm of ``s`` (dtype ``dtype``): fp32 statistics, normalized value cast to ``dtype`` before
+        ``* weight``, product cast back to ``dtype``."""
+        ct = compute_type(dtype)
+        h = cast(s, dtype, ct)
+        mean_sq = op.ReduceMean(op.Mul(h, h), op.Constant(value_ints=[-1]), keepdims=1)
+        normed = cast(op.Mul(h, op.Reciprocal(op.Sqrt(op.Add(mean_sq, const(eps, ct))))), ct, dtype)
+        if weight is None:
+            return normed
+        if weight.dtype == dtype:
+            return op.Mul(normed, weight)
+        wt = compute_type(dtype, weight.dtype)
+        return cast(op.Mul(cast(normed, dtype, wt), cast(weight, weight.dtype, wt)), wt, dtype)
+
+    def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5):
+        s = add(x, residual)
+        if weight is None:
+            weight = op.Expand(const(1.0, x.dtype), op.Shape(x, start=-1))
+        else:
+            weight = cast(weight, weight.dtype, x.dtype)
+        bias = None if bias is None else cast(bias, bias.dtype, x.dtype)
+        normed, _, _ = op.LayerNormalization(s, weight, bias, axis=-1, epsilon=eps, stash_type=1)
+        return normed, s
+
+    def add_rms_norm(x, residual, weight=None, eps: float = 1e-6):
+        s = add(x, residual)
+        return rms(s, x.dtype, weight, eps), s
+
+    def rms_norm(x, weight=None, eps: float = 1e-6):
+        return rms(x, x.dtype, weight, eps)
+
+    def bias_act(x, bias=None, act: str = "gelu"):
+        ct = compute_type(x.dtype)
+        h = cast(x, x.dtype, ct)
+        if bias is not None:
+            h = op.Add(h, cast(bias, bias.dtype, ct))
+        return cast(activation(h, ct, act), ct, x.dtype)
+
+    def gated_act(gate, up, act: str = "silu"):
+        ct = compute_type(gate.dtype)
+        y = op.Mul(activation(cast(gate, gate.dtype, ct), ct, act), cast(up, up.dtype, ct))
+        return cast(y, ct, gate.dtype)
+
+    def scaled_masked_softmax(x, mask=None, scale: float = 1.0):
+        ct = compute_type(x.dtype)
+        s = cast(x, x.dtype, ct)
+        if scale != 1.0:
+            s = op.Mul(s, const(scale, ct))
+        if mask is not None and mask.dtype == ir.DataType.BOOL:
+            s = op.Where(mask, s, const(-math.inf, ct))
+        elif mask is not None:
+            s = op.Add(s, cast(mask, mask.dtype, ct))
+        return cast(op.Softmax(s, axis=-1), ct, x.dtype)
+
+    ops = torch.ops.dsx
+    return {
+        ops.add_layer_norm.default: add_layer_norm,
+        ops.add_rms_norm.default: add_rms_norm,
+        ops.rms_norm.default: rms_norm,
+        ops.bias_act.default: bias_act,
+        ops.gated_act.default: gated_act,
+        ops.scaled_masked_softmax.default: scaled_masked_softmax,
+    }
