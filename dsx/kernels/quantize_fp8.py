@@ -1,0 +1,103 @@
+"""Dynamic row-wise FP8 quantization (``dsx::quantize_fp8_rowwise``): float8_e4m3fn with one fp32 scale per row.
+
+FP8 GEMMs (Hopper and later) take row-scaled activations; one kernel finds each row's absmax and casts it to fp8.
+"""
+
+from typing import Any, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from dsx.kernels._triton import prune_for_interpreter, use_triton
+from dsx.kernels.quantize_per_token import (
+    AMAX_MIN, check_quantize_input, chunk_rows, launch_rowwise, row_amax, scale_shape,
+)
+
+FP8_MAX = 448.0
+FP8_MIN_CAPABILITY = (8, 9)
+"""CUDA compute capability from which Triton converts to ``tl.float8e4nv`` (Ada, Hopper)."""
+
+
+@triton.autotune(
+    configs=[triton.Config({}, num_warps=w) for w in (4, 1, 2, 8, 16)],
+    key=["BLOCK"],
+    prune_configs_by={"early_config_prune": prune_for_interpreter},
+)
+@triton.jit
+def _quantize_fp8_rowwise_fwd(X, Q, S, stride_xm, stride_xn, N, amax_min, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_xm
+    cols = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        c = start + cols
+        amax = tl.maximum(amax, tl.abs(tl.load(x_row + c * stride_xn, mask=c < N, other=0.0).to(tl.float32)))
+    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), amax_min), 448.0)
+    tl.store(S + row, scale)
+    for start in range(0, N, BLOCK):
+        c = start + cols
+        x = tl.load(x_row + c * stride_xn, mask=c < N, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+        tl.store(Q + row * N + c, q.to(Q.dtype.element_ty), mask=c < N)
+
+
+def _launch(x: torch.Tensor, kernel: Any = _quantize_fp8_rowwise_fwd) -> Tuple[torch.Tensor, torch.Tensor]:
+    return launch_rowwise("quantize_fp8_rowwise", x, kernel, torch.float8_e4m3fn)
+
+
+def quantize_fp8_rowwise_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch the Triton kernel directly: ``(q, scale)`` as in ``reference``."""
+    return _launch(x)
+
+
+def reference(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch definition, in fp32: ``scale = max(|x|, 1e-12) / 448`` per row and
+    ``q = (x / scale).clamp(-448, 448)`` cast to float8_e4m3fn (round to nearest even)."""
+    check_quantize_input("quantize_fp8_rowwise", x)
+    xf = x.float()
+    scale = xf.abs().amax(-1, keepdim=True).clamp_min(AMAX_MIN) / FP8_MAX
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def _quantize_aten(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``reference`` without full-size fp32 temporaries (in eager mode): the quotient is cast chunk by chunk."""
+    check_quantize_input("quantize_fp8_rowwise", x)
+    x2 = x.reshape(-1, x.shape[-1])
+    scale2 = row_amax(x2).div_(FP8_MAX)
+    scale = scale2.view(scale_shape(x))
+    if torch.compiler.is_compiling():
+        return torch.div(x2, scale2).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(x.shape), scale
+    q = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    step = chunk_rows(x2.shape[1])
+    for s in range(0, x2.shape[0], step):
+        q[s:s + step] = torch.div(x2[s:s + step], scale2[s:s + step]).clamp_(-FP8_MAX, FP8_MAX)
+    return q.view(x.shape), scale
+
+
+def _fp8_triton(x: torch.Tensor) -> bool:
+    return use_triton(x) and torch.cuda.get_device_capability(x.device) >= FP8_MIN_CAPABILITY
+
+
+@triton_op("dsx::quantize_fp8_rowwise", mutates_args=())
+def _quantize_fp8_rowwise_op(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    if _fp8_triton(x):
+        return _launch(x, wrap_triton(_quantize_fp8_rowwise_fwd))
+    return _quantize_aten(x)
+
+
+@_quantize_fp8_rowwise_op.register_fake
+def _(x):
+    check_quantize_input("quantize_fp8_rowwise", x)
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(scale_shape(x), dtype=torch.float32)
+
+
+def quantize_fp8_rowwise(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic row-wise float8_e4m3fn quantization of ``x`` (fp32, bf16 or fp16, any leading dims) over its last dim.
+
+    Returns ``(q, scale)``: ``q`` float8_e4m3fn shaped like ``x`` with ``x ~= q.float() * scale``, ``scale`` fp32 of
+    shape ``x.shape[:-1] + (1,)`` equal to ``max(|row|, 1e-12) / 448``. Computed in fp32. The Triton kernel runs on
+    CUDA devices of compute capability 8.9 or later; elsewhere the op runs ATen ops.
+    """
+    return torch.ops.dsx.quantize_fp8_rowwise(x)
