@@ -70,7 +70,7 @@ def _build(i: int, step: Any) -> Transform:
     if name not in Transform.registry:
         raise ValueError(f"recipe step {i}: unknown transform {name!r}; valid names are {sorted(Transform.registry)}")
     cls = Transform.registry[name]
-    fields = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("inplace", "verify")]
+    fields = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("inplace", "verify", "replay")]
     fields.append("verify")
     if not isinstance(config, dict):
         raise ValueError(f"recipe step {i} ({name}): settings must be a mapping of fields, got {config!r}")

@@ -71,7 +71,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     model.train(meta["training"])
     for entry in meta["history"]:
         step = dataclasses.replace(Transform.from_config(entry["transform"], entry["config"]), verify=False,
-                                   inplace=True)
+                                   inplace=True, replay=True)
         inputs = None
         if entry["inputs"] is not None:
             args, kwargs = synthesize(entry["inputs"], device=model_device(model))

@@ -1,0 +1,244 @@
+"""Quantized linear layers: plain int8 / float8 weight tensors plus fp32 scales, one class per format.
+
+They hold only buffers (state_dict, safetensors and ``dsx.load`` friendly) and run the dsx kernel ops.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsx.kernels.int8_mm import int8_scaled_mm, int8_weight_only_mm
+from dsx.kernels.quantize_fp8 import quantize_fp8_rowwise
+from dsx.kernels.quantize_per_token import quantize_per_token
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer whose weight is stored transposed, ``[in, out]``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether dsx can quantize ``module`` as a linear layer (``nn.Linear`` or Hugging Face ``Conv1D``)."""
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
+def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``[out, in]`` weight and the bias of a linear layer, detached."""
+    w = module.weight.detach()
+    w = w.t() if is_hf_conv1d(module) else w
+    return w, None if module.bias is None else module.bias.detach()
+
+
+def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: ``(q [N, K] int8, scale [N] fp32)`` with ``w ~= q * scale[:, None]``."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def quantize_weight_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel float8 e4m3: ``(q [N, K] e4m3, scale [N] fp32)`` with ``w ~= q * scale[:, None]``."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX
+    return (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class QuantLinear(nn.Module):
+    """Base: ``weight`` ([out, in], int8 or e4m3), ``weight_scale`` ([out] fp32), ``bias`` (float or None)."""
+
+    format: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    weight_dtype: ClassVar[torch.dtype] = torch.int8
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype: torch.dtype = torch.float32,
+                 device: Any = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=self.weight_dtype, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def quantize_weight(cls, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_weight_int8(w)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, **kwargs: Any) -> QuantLinear:
+        """Quantize an ``nn.Linear`` (or Hugging Face ``Conv1D``)."""
+        w, b = linear_weight(module)
+        q = cls(w.shape[1], w.shape[0], b is not None, dtype=w.dtype, device=w.device, **kwargs)
+        q.weight, q.weight_scale = cls.quantize_weight(w)
+        if b is not None:
+            q.bias = b.clone()
+        return q
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight ``[out, in]`` these integers stand for."""
+        return self.weight.float() * self.weight_scale[:, None]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.format} ({self.description})")
+
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _StraightThrough.apply(x, self)
+        return self.quantized_forward(x)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: input's last dim is {x.shape[-1]}, expected {self.in_features}")
+        return x.reshape(-1, self.in_features)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The quantized forward with a float backward: ``d out / d x`` uses the dequantized weight, so layers before a
+    frozen quantized linear still train."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
+        ctx.module = module
+        return module.quantized_forward(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.module.dequantize().to(grad.dtype), None
+
+
+class Int8Linear(QuantLinear):
+    """``int8``: activations quantized per token at run time, int8 x int8 -> int32, scales applied in the epilogue."""
+
+    format = "int8"
+    description = "dynamic per-token int8 activations, per-channel int8 weights"
+
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(x)
+        xq, xs = quantize_per_token(rows)
+        out = int8_scaled_mm(xq, xs, self.weight.t(), self.weight_scale, self.bias, x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8StaticLinear(QuantLinear):
+    """``int8_static``: one calibrated activation scale (``input_scale``), optionally SmoothQuant ``smooth`` factors.
+
+    ``smooth`` (shape ``[in]``) multiplies the activation before quantization; the weight columns were
+    divided by it, so ``x @ W^T`` is unchanged while activation outliers move into the weights.
+    """
+
+    format = "int8_static"
+    description = "calibrated per-tensor int8 activations, per-channel int8 weights"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype: torch.dtype = torch.float32,
+                 device: Any = None, smooth: bool = False) -> None:
+        super().__init__(in_features, out_features, bias, dtype=dtype, device=device)
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
+        self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32, device=device) if smooth else None)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, *, input_amax: float = 127.0,
+                   smooth: torch.Tensor | None = None) -> Int8StaticLinear:
+        """Quantize with the calibrated activation range ``input_amax`` (of ``x * smooth`` when smoothing)."""
+        w, b = linear_weight(module)
+        q = cls(w.shape[1], w.shape[0], b is not None, dtype=w.dtype, device=w.device, smooth=smooth is not None)
+        if smooth is not None:
+            q.smooth = smooth.detach().float().to(w.device)
+            w = w.float() / q.smooth
+        q.weight, q.weight_scale = cls.quantize_weight(w)
+        q.input_scale = torch.tensor(max(float(input_amax), 1e-12) / 127.0, device=w.device)
+        if b is not None:
+            q.bias = b.clone()
+        return q
+
+    def dequantize(self) -> torch.Tensor:
+        w = super().dequantize()
+        return w if self.smooth is None else w * self.smooth
+
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(x)
+        if self.smooth is not None:
+            rows = rows * self.smooth
+        xq = torch.mul(rows, 1.0 / self.input_scale).round_().clamp_(-127, 127).to(torch.int8)
+        xs = self.input_scale.expand(rows.shape[0], 1)
+        out = int8_scaled_mm(xq, xs, self.weight.t(), self.weight_scale, self.bias, x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8WeightOnlyLinear(QuantLinear):
+    """``int8_weight_only`` (W8A16): the int8 weight is dequantized inside the matmul; activations stay float."""
+
+    format = "int8_weight_only"
+    description = "per-channel int8 weights, float activations"
+
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._rows(x)
+        return int8_weight_only_mm(x, self.weight, self.weight_scale, self.bias)
+
+
+class FP8Linear(QuantLinear):
+    """``fp8``: row-wise dynamic e4m3 activations x per-channel e4m3 weights through ``torch._scaled_mm``."""
+
+    format = "fp8"
+    description = "row-wise dynamic float8_e4m3fn activations, per-channel float8_e4m3fn weights"
+    weight_dtype = FP8
+
+    @classmethod
+    def quantize_weight(cls, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_weight_fp8(w)
+
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(x)
+        xq, xs = quantize_fp8_rowwise(rows)
+        # Row-wise scaled fp8 GEMMs produce bf16 on CUDA; the scales are applied inside the GEMM.
+        out_dtype = torch.bfloat16 if x.is_cuda else torch.float32
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.view(1, -1),
+                               out_dtype=out_dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class FP8WeightOnlyLinear(QuantLinear):
+    """``fp8_weight_only``: per-channel e4m3 weights dequantized to the activation dtype for the matmul."""
+
+    format = "fp8_weight_only"
+    description = "per-channel float8_e4m3fn weights, float activations"
+    weight_dtype = FP8
+
+    @classmethod
+    def quantize_weight(cls, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_weight_fp8(w)
+
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._rows(x)
+        w = self.weight.to(x.dtype) * self.weight_scale[:, None].to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+
+LINEARS: dict[str, type[QuantLinear]] = {
+    cls.format: cls for cls in (Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear, FP8Linear, FP8WeightOnlyLinear)
+}
+
+
+def fp8_supported(device: torch.device) -> str | None:
+    """None when ``torch._scaled_mm`` runs row-wise e4m3 on ``device``, else the reason it does not."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            return f"fp8 needs a CUDA GPU with compute capability >= 8.9 (this one has {major}.{minor})"
+    a = torch.ones(16, 16, device=device).to(FP8)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=device), scale_b=torch.ones(1, 16, device=device),
+                         out_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    except (RuntimeError, NotImplementedError) as e:
+        return f"torch._scaled_mm does not run row-wise float8 on {device.type} in torch {torch.__version__}: {e}"
+    return None

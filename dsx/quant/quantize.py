@@ -1,0 +1,317 @@
+"""``dsx.quantize`` / ``dsx.Quantize`` and ``dsx.convert``: swap linears (and embeddings) for quantized modules,
+with layer selection, calibration, SmoothQuant, QAT and an accuracy budget, verified like every transform.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from dsx.core.inputs import Inputs, model_device, normalize_inputs, run_model
+from dsx.core.transform import Transform, compare_outputs, eval_mode
+from dsx.quant.calibrate import Observers, check_batches, observe_inputs
+from dsx.quant.config import QuantConfig, resolve_config
+from dsx.quant.embedding import QuantizedEmbedding
+from dsx.quant.linear import LINEARS, Int8StaticLinear, QuantLinear, fp8_supported, is_linear, linear_weight
+from dsx.quant.qat import QATLinear
+from dsx.quant.smoothquant import smoothing_scales
+
+DEFAULT_TOLERANCE = {"int8": 0.1, "int8_static": 0.15, "int8_weight_only": 0.05, "fp8": 0.15, "fp8_weight_only": 0.1,
+                     "nf4": 0.3, "llm_int8": 0.1, "embedding": 0.1}
+"""Max relative output error (max |after - before| / max |before|) a format may add when no ``max_error`` is set."""
+
+BNB_CLASSES = ("Linear4bit", "Linear8bitLt")
+
+
+def matches(name: str, pattern: str) -> bool:
+    """``pattern`` names ``name`` or one of its parents, or is ``"re:<regex>"`` matching the whole name."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.startswith(pattern + ".")
+
+
+def quantized_module(model: nn.Module) -> str | None:
+    """The name of the first module already quantized (by dsx or bitsandbytes), None when there is none."""
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QATLinear, QuantizedEmbedding)) or type(m).__name__ in BNB_CLASSES:
+            return name or "<the model itself>"
+    return None
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``name`` in ``model``; returns the model (``module`` itself when ``name`` is the root)."""
+    if not name:
+        return module
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+    return model
+
+
+class _Smoothed(nn.Module):
+    """Calibration stand-in: shows ``x * smooth`` to ``probe`` (where the observer hooks) and runs the layer on ``x``,
+    so observers see the smoothed range while the rest of the model computes as before."""
+
+    def __init__(self, inner: nn.Module, smooth: torch.Tensor) -> None:
+        super().__init__()
+        self.inner, self.smooth, self.probe = inner, smooth, nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.probe(x * self.smooth.to(x.dtype))
+        return self.inner(x)
+
+
+@dataclass
+class Quantize(Transform):
+    """Quantize a model's linear layers (and, with ``embeddings``, its embedding tables) to ``format``.
+
+    ``format`` is a format string (see ``dsx.quant.valid_formats()``) or a config object such as
+    ``dsx.quant.Int8Static(observer="percentile", smoothquant=0.5)``. ``skip`` lists module names (a name also
+    skips its children) or ``"re:<regex>"`` patterns; ``filter_fn(name, module)`` returns False to keep a layer
+    float. ``calibration`` (an iterable of batches) sets static activation scales and feeds the accuracy
+    budget: with ``max_error`` the most sensitive layers stay float until the relative output error is within
+    it. ``qat=True`` inserts fake-quant modules to train; ``dsx.convert`` then yields the int8 model.
+    ``layers`` names exactly the modules to quantize (the history records it, and ``dsx.load`` replays it).
+    """
+
+    name = "quantize"
+    stage = "compress"
+
+    format: Any = "int8"
+    skip: Sequence[str] = ()
+    filter_fn: Callable[[str, nn.Module], bool] | None = None
+    max_error: float | None = None
+    qat: bool = False
+    calibration: Any = None
+    progress: bool = True
+    layers: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.spec: QuantConfig = resolve_config(self.format)
+        if isinstance(self.skip, str):
+            raise TypeError("skip: expected a list of names or 're:' patterns, got a single string; wrap it in a list")
+        self.skip = list(self.skip)
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise TypeError(f"filter_fn: expected a callable (name, module) -> bool, got {type(self.filter_fn)}")
+        if self.max_error is not None and not (isinstance(self.max_error, (int, float)) and self.max_error > 0):
+            raise ValueError(f"max_error: expected a positive relative error, got {self.max_error!r}")
+        if self.qat and not self.spec.qat:
+            qat_formats = sorted(QATLinear.formats)
+            raise ValueError(f"qat: the {self.spec.format!r} format has no quantization-aware training; "
+                             f"QAT supports {qat_formats}")
+        self._resolved: list[str] | None = None
+
+    def config(self) -> dict[str, Any]:
+        if self._resolved is not None:
+            return {"format": self.spec.to_dict(), "qat": self.qat, "layers": list(self._resolved)}
+        return {"format": self.spec.to_dict(), "skip": list(self.skip), "max_error": self.max_error, "qat": self.qat,
+                "layers": self.layers}
+
+    def tolerance_for(self, dtype: torch.dtype) -> float:
+        return self.max_error if self.max_error is not None else DEFAULT_TOLERANCE[self.spec.format]
+
+    def select(self, model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+        """The modules to quantize by name, and the eligible-looking ones left float with the reason."""
+        chosen, skipped = {}, {}
+        fmt = self.spec.format
+        for name, m in model.named_modules():
+            kind = "linear" if is_linear(m) and self.spec.quantizes_linears else (
+                "embedding" if isinstance(m, nn.Embedding) and self.spec.embeddings else None)
+            if kind is None:
+                continue
+            if self.layers is not None:
+                if name in self.layers:
+                    chosen[name] = m
+                continue
+            if any(matches(name, p) for p in self.skip):
+                skipped[name] = "skip"
+            elif self.filter_fn is not None and not self.filter_fn(name, m):
+                skipped[name] = "filter_fn"
+            elif kind == "linear" and fmt in ("nf4", "llm_int8") and not isinstance(m, nn.Linear):
+                skipped[name] = f"bitsandbytes takes nn.Linear only, not {type(m).__name__}"
+            elif kind == "linear" and fmt == "fp8" and m.weight.is_cuda and any(
+                    d % 16 for d in linear_weight(m)[0].shape):
+                skipped[name] = "fp8 on CUDA needs in and out features divisible by 16"
+            elif kind == "linear" and not linear_weight(m)[0].is_floating_point():
+                skipped[name] = "weight is not floating point"
+            else:
+                chosen[name] = m
+        if self.layers is not None and (missing := sorted(set(self.layers) - set(chosen))):
+            raise ValueError(f"layers: {missing} are not quantizable modules of the model")
+        for p in self.skip:
+            if not any(matches(name, p) for name, _ in model.named_modules()):
+                warnings.warn(f"quantize: skip pattern {p!r} matches no module", stacklevel=4)
+        return chosen, skipped
+
+    def calibrate(self, model: nn.Module, linears: dict[str, nn.Module],
+                  batches: list[Any]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Static activation ranges per linear (of ``x * smooth`` with SmoothQuant) and the smoothing factors."""
+        spec = self.spec
+        kwargs = {"percentile": spec.percentile} if spec.observer == "percentile" else {}
+        smooth: dict[str, torch.Tensor] = {}
+        if spec.smoothquant is not None:
+            seen = observe_inputs(model, linears, batches, "minmax", channel_absmax=True, progress=self.progress)
+            for name, obs in seen.items():
+                if obs.activation.count:
+                    s = smoothing_scales(obs.channel_absmax.amax(), linear_weight(linears[name])[0], spec.smoothquant)
+                    smooth[name] = 1.0 / s
+        probes = dict(linears)
+        for name, factor in smooth.items():
+            wrapper = _Smoothed(linears[name], factor)
+            set_module(model, name, wrapper)
+            probes[name] = wrapper.probe
+        try:
+            stats: dict[str, Observers] = observe_inputs(model, probes, batches, spec.observer,
+                                                         progress=self.progress, **kwargs)
+        finally:
+            for name in smooth:
+                set_module(model, name, linears[name])
+        return {n: o.activation.amax() for n, o in stats.items() if o.activation.count}, smooth
+
+    def build(self, name: str, module: nn.Module, amax: dict[str, float],
+              smooth: dict[str, torch.Tensor]) -> nn.Module:
+        """The quantized replacement of one module."""
+        spec = self.spec
+        if isinstance(module, nn.Embedding):
+            return QuantizedEmbedding.from_float(module, bits=spec.embeddings)
+        if self.qat:
+            return QATLinear.from_float(module, spec.format, amax.get(name))
+        if spec.format in ("nf4", "llm_int8"):
+            from dsx.quant.bnb import to_bnb
+
+            return to_bnb(module, spec.format)
+        if spec.format == "int8_static":
+            if self.replay:
+                k = linear_weight(module)[0].shape[1]
+                return Int8StaticLinear.from_float(module, smooth=torch.ones(k) if spec.smoothquant is not None
+                                                   else None)
+            return Int8StaticLinear.from_float(module, input_amax=amax[name], smooth=smooth.get(name))
+        return LINEARS[spec.format].from_float(module)
+
+    def budget(self, model: nn.Module, built: dict[str, nn.Module], batches: list[Any]) -> list[str]:
+        """Names to keep float so the output error stays within ``max_error``: the most sensitive layers first."""
+        originals = {n: model.get_submodule(n) for n in built}
+        with eval_mode(model):
+            batches = [normalize_inputs(b) for b in batches]
+            refs = [run_model(model, b, name="calibration batch") for b in batches]
+
+        def error(names: Sequence[str]) -> float:
+            for n in names:
+                set_module(model, n, built[n])
+            try:
+                with eval_mode(model):
+                    return max(compare_outputs(r, run_model(model, b, name="calibration batch"))["max_rel"]
+                               for r, b in zip(refs, batches))
+            finally:
+                for n in names:
+                    set_module(model, n, originals[n])
+
+        names = list(built)
+        if error(names) <= self.max_error:
+            return []
+        bar = tqdm(names, desc="dsx sensitivity", disable=not self.progress, leave=False)
+        sensitivity = {n: error([n]) for n in bar}
+        order = sorted(names, key=sensitivity.__getitem__, reverse=True)
+        lo, hi = 1, len(order)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if error(order[mid:]) <= self.max_error:
+                hi = mid
+            else:
+                lo = mid + 1
+        return order[:lo]
+
+    def apply(self, model: nn.Module, inputs: Inputs | None) -> tuple[nn.Module, dict[str, Any]]:
+        spec = self.spec
+        if (done := quantized_module(model)) is not None:
+            raise ValueError(f"quantize: the model is already quantized ({done}); quantize the float model instead "
+                             "of quantizing twice")
+        device = model_device(model)
+        if spec.format == "fp8" and (reason := fp8_supported(device)) is not None:
+            raise ValueError(f"config: {reason}; use 'fp8_weight_only' or 'int8' on this device")
+        chosen, skipped = self.select(model)
+        batches = check_batches(self.calibration) if self.calibration is not None else None
+        if batches is not None:
+            batches = [kwargs or args for args, kwargs in batches]
+        linears = {n: m for n, m in chosen.items() if not isinstance(m, nn.Embedding)}
+        amax: dict[str, float] = {}
+        smooth: dict[str, torch.Tensor] = {}
+        if spec.calibrated and linears and not self.replay:
+            if batches is None and not self.qat:
+                raise ValueError(f"calibration: the {spec.format!r} format needs calibration data (an iterable of "
+                                 "input batches) to set the activation scales")
+            if batches is not None:
+                amax, smooth = self.calibrate(model, linears, batches)
+                if not self.qat:
+                    for name in [n for n in linears if n not in amax]:
+                        skipped[name] = "not called on the calibration data"
+                        chosen.pop(name)
+        built = {n: self.build(n, m, amax, smooth) for n, m in chosen.items()}
+        kept: list[str] = []
+        if self.max_error is not None and not self.replay and built:
+            data = batches if batches is not None else ([inputs[1] or inputs[0]] if inputs is not None else None)
+            if data is None:
+                raise ValueError("max_error: the accuracy budget needs calibration data or example_inputs")
+            kept = self.budget(model, built, data)
+            for n in kept:
+                built.pop(n)
+                skipped[n] = f"kept float by max_error={self.max_error}"
+        bytes_before = state_bytes(model)
+        for n, m in built.items():
+            m.train(chosen[n].training)
+            model = set_module(model, n, m)
+        self._resolved = sorted(built)
+        info = {"format": spec.format, "qat": self.qat, "quantized": len(built), "kept_float": kept,
+                "skipped": skipped, "bytes_before": bytes_before, "bytes_after": state_bytes(model)}
+        return model, info
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class Convert(Transform):
+    """Turn a QAT model (``dsx.quantize(m, ..., qat=True)``, trained) into the real int8 model, keeping the learned
+    scales: integer weights ``clamp(round(w / scale))`` and the learned activation scale."""
+
+    name = "convert"
+    stage = "compress"
+
+    def tolerance_for(self, dtype: torch.dtype) -> float:
+        return 0.05
+
+    def apply(self, model: nn.Module, inputs: Inputs | None) -> tuple[nn.Module, dict[str, Any]]:
+        names = [n for n, m in model.named_modules() if isinstance(m, QATLinear)]
+        if not names:
+            raise ValueError("convert: the model has no QAT modules; quantize it with dsx.quantize(model, 'int8', "
+                             "qat=True) and train it first")
+        for n in names:
+            module = model.get_submodule(n)
+            model = set_module(model, n, module.to_quantized().train(module.training))
+        return model, {"converted": len(names)}
+
+
+def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "int8", *, calibration: Any = None,
+             skip: Sequence[str] = (), filter_fn: Callable[[str, nn.Module], bool] | None = None,
+             max_error: float | None = None, qat: bool = False, example_inputs: Any = None, progress: bool = True,
+             inplace: bool = False, verify: bool = True) -> nn.Module:
+    """``dsx.Quantize(config, ...)(model, example_inputs)``: the quantized copy of ``model`` (see ``Quantize``)."""
+    return Quantize(config, skip=skip, filter_fn=filter_fn, max_error=max_error, qat=qat, calibration=calibration,
+                    progress=progress, inplace=inplace, verify=verify)(model, example_inputs)
+
+
+def convert(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False, verify: bool = True) -> nn.Module:
+    """The int8 model of a trained QAT model, with its learned scales (see ``Convert``)."""
+    return Convert(inplace=inplace, verify=verify)(model, example_inputs)
