@@ -14,11 +14,12 @@ from dsx.graph.backend import compile_backend
 from dsx.graph.capture import Captured, capture
 from dsx.graph.fuse import Fuse, fusions
 from dsx.graph.pass_manager import available_passes
+from dsx.quant import Convert, Quantize, convert, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Captured", "Compose", "Fuse", "Summary", "Transform", "VerificationError", "available_passes", "capture",
-    "compile_backend", "compose", "export", "from_recipe", "fusions", "history", "load", "optimize", "save", "summary",
-    "to_recipe",
+    "Captured", "Compose", "Convert", "Fuse", "Quantize", "Summary", "Transform", "VerificationError",
+    "available_passes", "capture", "compile_backend", "compose", "convert", "export", "from_recipe", "fusions",
+    "history", "load", "optimize", "quantize", "save", "summary", "to_recipe",
 ]
