@@ -17,6 +17,7 @@ from dsx.core.inputs import Inputs, check_module, normalize_inputs, run_model
 from dsx.core.transform import VerificationError, compare_outputs
 from dsx.export.onnx_ops import DEFAULT_OPSET, translation_table
 from dsx.export.result import ExportResult, check_error, prepare
+from dsx.quant.quantize import quantized_module
 
 INSTALL_HINT = 'pip install "dsx[onnx]"'
 
@@ -70,6 +71,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     if path.suffix != ".onnx":
         raise ValueError(f"path: an ONNX file name must end in .onnx, got {str(path)!r}")
     check_module(model)
+    if (name := quantized_module(model)) is not None:
+        raise ValueError(f"model: ONNX export of quantized models is not supported yet ({name!r} is quantized); "
+                         "export the float model, or use a .pt2 file")
     inputs = normalize_inputs(example_inputs)
     onnx, _ = _require_onnx()
     model, dynamic_shapes, notes = prepare(model, inputs, dynamic_shapes)

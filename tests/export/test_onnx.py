@@ -147,6 +147,12 @@ def test_path_must_end_in_onnx(tmp_path):
         export_onnx(mlp(), torch.randn(3, 16), tmp_path / "model.pt")
 
 
+def test_quantized_model_is_refused_with_a_clear_error(tmp_path):
+    q = dsx.quantize(mlp(), "int8", progress=False)
+    with pytest.raises(ValueError, match=r"model: ONNX export of quantized models .*\('0' is quantized\)"):
+        export_onnx(q, torch.randn(3, 16), tmp_path / "q.onnx")
+
+
 def test_missing_onnx_packages_raise_import_error_with_the_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match=r'pip install "dsx\[onnx\]"'):
