@@ -2,8 +2,8 @@
 
 Models: a BERT-sized Hugging Face ``BertModel`` built from its config (hidden 768, 12 heads, batch 8, seq 128; no
 download) and the built-in TinyResNet. Every export is verified in onnxruntime; its errors are in the table.
-The issue's int8 rows (onnxruntime int8 from ``dsx.quantize`` vs onnxruntime fp32) wait for the quantization
-transform, which does not exist yet; they are not faked here.
+The int8 columns export ``dsx.quantize(model, "int8")`` (``MatMulInteger`` with per-token activation scales) and
+compare it in onnxruntime with the fp32 file and, by cosine similarity, with the PyTorch int8 model.
 Run: python benchmarks/bench_export.py [--models bert,resnet] [--layers 4] [--iters 20]
 """
 
@@ -20,6 +20,7 @@ from dsx.core.table import text_table
 from dsx.core.timing import measure_ms
 from dsx.export import export
 from dsx.models import TinyResNet, randomize_batchnorm
+from dsx.quant import quantize
 
 
 def build(name: str, layers: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -36,20 +37,35 @@ def build(name: str, layers: int) -> tuple[torch.nn.Module, dict[str, torch.Tens
     raise SystemExit(f"unknown model {name!r}: choose from bert, resnet")
 
 
-def bench(name: str, layers: int, iters: int, tmp: Path) -> list:
-    """One table row: eager vs onnxruntime fp32 milliseconds and the export's verified errors."""
+def session_ms(path: Path, inputs: dict[str, torch.Tensor], iters: int) -> tuple[float, torch.Tensor]:
+    """onnxruntime milliseconds for the file at ``path`` and its first output."""
     import onnxruntime as ort
 
-    model, inputs = build(name, layers)
-    result = export(model, inputs, tmp / f"{name}.onnx")
-    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
+    return measure_ms(lambda: session.run(None, feeds), warmup=3, iters=iters), torch.from_numpy(
+        session.run(None, feeds)[0])
+
+
+def bench(name: str, layers: int, iters: int, tmp: Path) -> list:
+    """One table row: eager, onnxruntime fp32 and int8 milliseconds, the fp32 export's verified errors and the int8
+    file's cosine similarity to the PyTorch int8 model."""
+    model, inputs = build(name, layers)
+    fp32 = export(model, inputs, tmp / f"{name}.onnx")
+    int8_model = quantize(model, "int8", progress=False)
+    int8 = export(int8_model, inputs, tmp / f"{name}_int8.onnx")
     # Timed one after the other, not interleaved: onnxruntime's worker threads spin after each run
     # and would slow an eager run that follows.
-    eager = measure_ms(lambda: model(**inputs), warmup=3, iters=iters)
-    onnx = measure_ms(lambda: session.run(None, feeds), warmup=3, iters=iters)
+    with torch.inference_mode():
+        eager = measure_ms(lambda: model(**inputs), warmup=3, iters=iters)
+        ref = int8_model(**inputs)
+        ref = ref if isinstance(ref, torch.Tensor) else ref[0]
+    ort_fp32, _ = session_ms(fp32.path, inputs, iters)
+    ort_int8, out = session_ms(int8.path, inputs, iters)
+    cosine = torch.nn.functional.cosine_similarity(out.flatten().double(), ref.flatten().double(), dim=0).item()
     label = f"bert-{layers}L" if name == "bert" else name
-    return [label, eager, onnx, f"{eager / onnx:.2f}x", result.max_abs, result.max_rel]
+    return [label, eager, ort_fp32, f"{eager / ort_fp32:.2f}x", fp32.max_rel, ort_int8, f"{ort_fp32 / ort_int8:.2f}x",
+            f"{cosine:.5f}"]
 
 
 def main() -> None:
@@ -65,8 +81,8 @@ def main() -> None:
     import onnxruntime as ort
 
     print(f"device: cpu  torch {torch.__version__}  onnxruntime {ort.__version__}  threads {torch.get_num_threads()}")
-    print(text_table(["model", "eager ms", "onnxruntime fp32 ms", "ort vs eager", "max abs err", "max rel err"],
-                     rows))
+    print(text_table(["model", "eager ms", "ort fp32 ms", "ort vs eager", "fp32 max rel err", "ort int8 ms",
+                      "int8 vs fp32 in ort", "int8 cosine vs torch int8"], rows))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,20 @@ from dsx.core.inputs import Inputs, check_module, normalize_inputs, run_model
 from dsx.core.transform import VerificationError, compare_outputs
 from dsx.export.onnx_ops import DEFAULT_OPSET, translation_table
 from dsx.export.result import ExportResult, check_error, prepare
-from dsx.quant.quantize import quantized_module
+from dsx.quant.linear import FP8, QuantLinear
+from dsx.quant.qat import QATLinear
+from dsx.quant.quantize import BNB_CLASSES, quantized_module
+
+QUANTIZED_MIN_COSINE = 0.99
+"""A quantized model is verified by cosine similarity: onnxruntime and PyTorch may round an activation to different
+integers, and one flipped rounding moves a few outputs by a step of the scale."""
+
+
+def min_cosine(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+    """The lowest cosine similarity between matching floating outputs (1.0 when there are none)."""
+    sims = [torch.nn.functional.cosine_similarity(a.detach().double().flatten(), b.double().flatten(), dim=0).item()
+            for a, b in zip(reference, outputs) if a.is_floating_point() and a.numel()]
+    return min(sims, default=1.0)
 
 INSTALL_HINT = 'pip install "dsx[onnx]"'
 
@@ -57,23 +70,37 @@ def run_onnx(path: str | os.PathLike, feeds: dict[str, Any]) -> list[torch.Tenso
     return [torch.from_numpy(o) for o in outputs]
 
 
+def _not_exportable(model: nn.Module) -> str | None:
+    """The first module ONNX export cannot express yet (fp8, fake-quant QAT, bitsandbytes), None when none."""
+    for name, m in model.named_modules():
+        fp8 = isinstance(m, QuantLinear) and m.weight_dtype == FP8
+        if fp8 or isinstance(m, QATLinear) or type(m).__name__ in BNB_CLASSES:
+            return f"{name or '<the model itself>'!r} ({type(m).__name__})"
+    return None
+
+
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, dynamic_shapes: Any = None,
-                opset: int | None = None, verify: bool = True, rtol: float = 1e-4) -> ExportResult:
+                opset: int | None = None, verify: bool = True, rtol: float | None = None) -> ExportResult:
     """Export ``model`` on ``example_inputs`` to the ONNX file ``path`` (weights inside unless over 2 GB).
 
     ``dynamic_shapes`` is a torch.export spec, or ``"batch"`` to keep dim 0 of every input dynamic; ``opset`` is
     the ONNX opset (default 20). Non-tensor inputs are baked into the graph. The file passes ``onnx.checker``;
     with ``verify=True`` it is run in onnxruntime on the example inputs and compared with PyTorch's outputs
-    (``max_abs`` / ``max_rel`` in the result); a max relative error over ``rtol`` raises ``VerificationError``.
-    A model in training mode is exported in eval mode (a copy).
+    (``max_abs`` / ``max_rel`` in the result); a max relative error over ``rtol`` (default 1e-4) raises
+    ``VerificationError``, and for a quantized model without an ``rtol`` a cosine similarity under
+    ``QUANTIZED_MIN_COSINE`` does. A model in training mode is exported in eval mode (a copy).
+    dsx ``int8`` / ``int8_static`` linears export as ``MatMulInteger`` with their scales, ``int8_weight_only`` as
+    a per-channel ``DequantizeLinear`` weight; fp8, QAT (``dsx.convert`` it first) and bitsandbytes modules are
+    refused with a ``ValueError``.
     """
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"path: an ONNX file name must end in .onnx, got {str(path)!r}")
     check_module(model)
-    if (name := quantized_module(model)) is not None:
-        raise ValueError(f"model: ONNX export of quantized models is not supported yet ({name!r} is quantized); "
-                         "export the float model, or use a .pt2 file")
+    if (bad := _not_exportable(model)) is not None:
+        raise ValueError(f"model: {bad} cannot be exported to ONNX yet: fp8, QAT fake-quant and bitsandbytes layers "
+                         "have no ONNX form here (dsx.convert a QAT model first; export fp8 as a .pt2 file)")
+    by_cosine = rtol is None and quantized_module(model) is not None
     inputs = normalize_inputs(example_inputs)
     onnx, _ = _require_onnx()
     model, dynamic_shapes, notes = prepare(model, inputs, dynamic_shapes)
@@ -89,7 +116,15 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     if not verify:
         return ExportResult(path, "onnx", notes=notes)
     reference = [x for x in pytree.tree_leaves(run_model(model, inputs)) if isinstance(x, torch.Tensor)]
-    err = compare_outputs(reference, run_onnx(path, _named_inputs(program.exported_program, inputs)))
-    check_error("onnx", "onnxruntime's outputs", err, rtol)
+    outputs = run_onnx(path, _named_inputs(program.exported_program, inputs))
+    err = compare_outputs(reference, outputs)
+    if by_cosine:
+        cosine = min_cosine(reference, outputs)
+        if cosine < QUANTIZED_MIN_COSINE:
+            raise VerificationError(f"onnx export: onnxruntime's outputs of the quantized model have cosine similarity "
+                                    f"{cosine:.4f} to PyTorch's, under {QUANTIZED_MIN_COSINE}")
+        notes.append(f"quantized: cosine similarity {cosine:.5f} to PyTorch")
+    else:
+        check_error("onnx", "onnxruntime's outputs", err, 1e-4 if rtol is None else rtol)
     notes.append("verified in onnxruntime (CPUExecutionProvider)")
     return ExportResult(path, "onnx", err["max_abs"], err["max_rel"], notes)

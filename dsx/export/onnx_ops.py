@@ -113,8 +113,39 @@ def translation_table(opset: int = DEFAULT_OPSET) -> dict[Any, Callable]:
             s = op.Add(s, cast(mask, mask.dtype, ct))
         return cast(op.Softmax(s, axis=-1), ct, x.dtype)
 
+    def quantize_per_token(x):
+        """Symmetric per-row int8, as ``dsx.kernels.quantize_per_token``: ``round(x * (1 / amax) * 127)``."""
+        h = cast(x, x.dtype, ir.DataType.FLOAT)
+        amax = op.Max(op.ReduceMax(op.Abs(h), op.Constant(value_ints=[-1]), keepdims=1),
+                      const(1e-12, ir.DataType.FLOAT))
+        q = op.Round(op.Mul(h, op.Mul(op.Reciprocal(amax), const(127.0, ir.DataType.FLOAT))))
+        return op.Cast(q, to=ir.DataType.INT8), op.Div(amax, const(127.0, ir.DataType.FLOAT))
+
+    def int8_scaled_mm(a, a_scale, b, b_scale, bias=None, out_dtype: Any = ir.DataType.FLOAT):
+        """``MatMulInteger`` (exact int32) and the fp32 epilogue ``* a_scale * b_scale + bias``. ``a`` goes in as
+        ``a + 128`` in uint8 with zero point 128 (the same integers): onnxruntime's fast kernels are uint8 x int8."""
+        a_u8 = op.Cast(op.Add(op.Cast(a, to=ir.DataType.INT16), op.Constant(value=ir.tensor(128, ir.DataType.INT16))),
+                       to=ir.DataType.UINT8)
+        zero = op.Constant(value=ir.tensor(128, ir.DataType.UINT8))
+        y = op.Mul(op.Mul(op.Cast(op.MatMulInteger(a_u8, b, zero), to=ir.DataType.FLOAT), a_scale), b_scale)
+        if bias is not None:
+            y = op.Add(y, cast(bias, bias.dtype, ir.DataType.FLOAT))
+        return cast(y, ir.DataType.FLOAT, out_dtype)
+
+    def int8_weight_only_mm(x, w, w_scale, bias=None):
+        """A per-channel ``DequantizeLinear`` of the int8 weight (a QDQ weight) feeding ``MatMul``."""
+        ct = compute_type(x.dtype)
+        weight = op.Transpose(op.DequantizeLinear(w, w_scale, axis=0), perm=[1, 0])
+        y = op.MatMul(cast(x, x.dtype, ct), cast(weight, ir.DataType.FLOAT, ct))
+        if bias is not None:
+            y = op.Add(y, cast(bias, bias.dtype, ct))
+        return cast(y, ct, x.dtype)
+
     ops = torch.ops.dsx
     return {
+        ops.quantize_per_token.default: quantize_per_token,
+        ops.int8_scaled_mm.default: int8_scaled_mm,
+        ops.int8_weight_only_mm.default: int8_weight_only_mm,
         ops.add_layer_norm.default: add_layer_norm,
         ops.add_rms_norm.default: add_rms_norm,
         ops.rms_norm.default: rms_norm,

@@ -21,7 +21,8 @@ FP8_MAX = float(torch.finfo(FP8).max)
 
 def is_hf_conv1d(module: nn.Module) -> bool:
     """Hugging Face's ``Conv1D`` (GPT-2): a linear layer whose weight is stored transposed, ``[in, out]``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+    cls = torch.nn.utils.parametrize.type_before_parametrizations(module)
+    return cls.__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 def is_linear(module: nn.Module) -> bool:

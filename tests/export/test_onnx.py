@@ -147,9 +147,34 @@ def test_path_must_end_in_onnx(tmp_path):
         export_onnx(mlp(), torch.randn(3, 16), tmp_path / "model.pt")
 
 
-def test_quantized_model_is_refused_with_a_clear_error(tmp_path):
-    q = dsx.quantize(mlp(), "int8", progress=False)
-    with pytest.raises(ValueError, match=r"model: ONNX export of quantized models .*\('0' is quantized\)"):
+@pytest.mark.parametrize("fmt,node", [("int8", "MatMulInteger"), ("int8_static", "MatMulInteger"),
+                                      ("int8_weight_only", "DequantizeLinear")])
+def test_quantized_mlp_exports_integer_ops_with_dynamic_batch(tmp_path, fmt, node):
+    torch.manual_seed(0)
+    calibration = [torch.randn(8, 16) for _ in range(4)] if fmt == "int8_static" else None
+    q = dsx.quantize(mlp(), fmt, calibration=calibration, progress=False)
+    res = export_onnx(q, torch.randn(3, 16), tmp_path / "q.onnx", dynamic_shapes="batch")
+    assert node in {op for _, op in onnx_ops(res.path)} and any("cosine" in n for n in res.notes)
+    x = torch.randn(7, 16)
+    (got,) = run_onnx(res.path, {"input": x})
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(got.flatten(), q(x).flatten(), dim=0) > 0.999
+
+
+def test_quantized_hf_bert_matches_the_pytorch_int8_model(tmp_path):
+    model, kwargs = tiny_hf("bert")
+    q = dsx.quantize(model, "int8", progress=False)
+    res = export_onnx(q, kwargs, tmp_path / "bert.onnx")
+    assert ("", "MatMulInteger") in onnx_ops(res.path)
+    got = run_onnx(res.path, kwargs)[0]
+    ref = torch_outputs(q, kwargs)[0]
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "qat"])
+def test_formats_without_an_onnx_form_are_refused(tmp_path, fmt):
+    q = dsx.quantize(mlp().train(), "int8", qat=True) if fmt == "qat" else dsx.quantize(mlp(), fmt, progress=False)
+    with pytest.raises(ValueError, match=r"model: '0' \((FP8Linear|QATLinear)\) cannot be exported to ONNX"):
         export_onnx(q, torch.randn(3, 16), tmp_path / "q.onnx")
 
 
