@@ -1,0 +1,8 @@
+"""Compression: pruning, 2:4 sparsity and distillation."""
+
+from dsx.compress.masks import MakePermanent, make_permanent
+from dsx.compress.prune import Prune, prune
+from dsx.compress.schedule import PruningSchedule
+from dsx.compress.sparsity import Sparsify, sparsify
+
+__all__ = ["MakePermanent", "Prune", "PruningSchedule", "Sparsify", "make_permanent", "prune", "sparsify"]
