@@ -128,6 +128,13 @@ def test_quantizing_twice_is_refused(net):
         dsx.quantize(q, "int8_weight_only")
 
 
+def test_fp8_on_a_device_without_it_is_refused(net, monkeypatch):
+    reason = "fp8 needs a CUDA GPU with compute capability >= 8.9 (this one has 8.0)"
+    monkeypatch.setattr("dsx.quant.quantize.fp8_supported", lambda device: reason)
+    with pytest.raises(ValueError, match=r"config: fp8 needs .* use 'fp8_weight_only' or 'int8'"):
+        dsx.quantize(net, "fp8")
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="skip"):
         dsx.Quantize("int8", skip="head")
