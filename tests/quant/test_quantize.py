@@ -1,4 +1,5 @@
 import math
+import sys
 
 import pytest
 import torch
@@ -130,7 +131,7 @@ def test_quantizing_twice_is_refused(net):
 
 def test_fp8_on_a_device_without_it_is_refused(net, monkeypatch):
     reason = "fp8 needs a CUDA GPU with compute capability >= 8.9 (this one has 8.0)"
-    monkeypatch.setattr("dsx.quant.quantize.fp8_supported", lambda device: reason)
+    monkeypatch.setattr(sys.modules["dsx.quant.quantize"], "fp8_supported", lambda device: reason)
     with pytest.raises(ValueError, match=r"config: fp8 needs .* use 'fp8_weight_only' or 'int8'"):
         dsx.quantize(net, "fp8")
 
