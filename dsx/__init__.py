@@ -5,7 +5,9 @@ Public API only; everything here is re-exported from the subpackages.
 
 from dsx import export
 from dsx.api import optimize
-from dsx.compress import MakePermanent, Prune, PruningSchedule, Sparsify, make_permanent, prune, sparsify
+from dsx.compress import (
+    Distill, MakePermanent, Prune, PruningSchedule, Sparsify, distill, make_permanent, prune, sparsify,
+)
 from dsx.core.compose import Compose, compose
 from dsx.core.recipe import from_recipe, to_recipe
 from dsx.core.serialize import load, save
@@ -20,8 +22,8 @@ from dsx.quant import Convert, Quantize, convert, quantize
 __version__ = "0.1.0"
 
 __all__ = [
-    "Captured", "Compose", "Convert", "Fuse", "MakePermanent", "Prune", "PruningSchedule", "Quantize", "Sparsify",
-    "Summary", "Transform", "VerificationError", "available_passes", "capture", "compile_backend", "compose",
-    "convert", "export", "from_recipe", "fusions", "history", "load", "make_permanent", "optimize", "prune",
-    "quantize", "save", "sparsify", "summary", "to_recipe",
+    "Captured", "Compose", "Convert", "Distill", "Fuse", "MakePermanent", "Prune", "PruningSchedule", "Quantize",
+    "Sparsify", "Summary", "Transform", "VerificationError", "available_passes", "capture", "compile_backend",
+    "compose", "convert", "distill", "export", "from_recipe", "fusions", "history", "load", "make_permanent",
+    "optimize", "prune", "quantize", "save", "sparsify", "summary", "to_recipe",
 ]

@@ -1,8 +1,12 @@
 """Compression: pruning, 2:4 sparsity and distillation."""
 
+from dsx.compress.distill import Distill, DistillationLoss, distill
 from dsx.compress.masks import MakePermanent, make_permanent
 from dsx.compress.prune import Prune, prune
 from dsx.compress.schedule import PruningSchedule
 from dsx.compress.sparsity import Sparsify, sparsify
 
-__all__ = ["MakePermanent", "Prune", "PruningSchedule", "Sparsify", "make_permanent", "prune", "sparsify"]
+__all__ = [
+    "Distill", "DistillationLoss", "MakePermanent", "Prune", "PruningSchedule", "Sparsify", "distill", "make_permanent",
+    "prune", "sparsify",
+]
