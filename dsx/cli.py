@@ -18,7 +18,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import dsx
-from dsx.cli_models import add_model_arguments, model_and_inputs
+from dsx.cli_models import add_model_arguments, call_factory, model_and_inputs
 from dsx.core.inputs import normalize_inputs, run_model
 from dsx.core.serialize import META, WEIGHTS, _read_meta
 from dsx.core.summary import COLUMNS, _dash, _pairs, _size
@@ -41,6 +41,16 @@ def _positive(text: str) -> int:
     return n
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
 def _bar(args: argparse.Namespace, desc: str, steps: int) -> tqdm:
     """A progress bar on stderr over a command's steps; it clears itself when done or on an error."""
     return tqdm(total=steps, desc=f"dsx {desc}", leave=False, file=sys.stderr,
@@ -60,7 +70,10 @@ def _optimize(args: argparse.Namespace) -> None:
             opt = dsx.from_recipe(args.recipe)(model, inputs)
         else:
             passes = args.passes if args.passes in (None, "all") else args.passes.split(",")
-            opt = dsx.optimize(model, inputs, passes=passes, dynamic_batch=args.dynamic_batch)
+            calibration = call_factory(args.calibration, what="--calibration") if args.calibration else None
+            opt = dsx.optimize(model, inputs, passes=passes, dynamic_batch=args.dynamic_batch, prune=args.prune,
+                               structured=args.structured, sparsity=args.sparsify, quantize=args.quantize,
+                               calibration=calibration)
         _step(bar, "optimized")
         saved = dsx.save(opt, args.out) if args.out else None
         if saved:
@@ -227,6 +240,12 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--recipe", metavar="RECIPE.yaml", help="run the transforms of a recipe file instead")
     opt.add_argument("--dynamic-batch", action="store_true", help="let dim 0 of the inputs vary (not with --recipe: "
                                                                    "set dynamic_batch in its fuse step)")
+    opt.add_argument("--prune", type=_fraction, metavar="AMOUNT", help="prune this fraction of the weights first")
+    opt.add_argument("--structured", action="store_true", help="with --prune: remove whole channels, neurons, heads")
+    opt.add_argument("--sparsify", metavar="2:4", help="2:4 sparsity on the eligible linear layers")
+    opt.add_argument("--quantize", metavar="FORMAT", help="a dsx.quantize format: int8, int8_static, fp8, ...")
+    opt.add_argument("--calibration", metavar="package.module:factory",
+                     help="a factory returning calibration batches (for --quantize int8_static)")
     opt.add_argument("--out", metavar="DIR", help="save the result with dsx.save (safetensors + dsx.json)")
     opt.add_argument("--export", metavar="FILE", help="export the result with dsx.export (.onnx, .pt2, .engine / .ts)")
 
@@ -256,8 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``dsx`` command; returns the exit code (0 ok, 1 error; usage errors exit with 2)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "optimize" and args.recipe and args.dynamic_batch:
-        parser.error("optimize: --dynamic-batch does not apply to --recipe; set dynamic_batch in its fuse step")
+    if args.command == "optimize" and args.recipe:
+        given = [f"--{k.replace('_', '-')}" for k in ("dynamic_batch", "prune", "structured", "sparsify", "quantize",
+                                                       "calibration") if getattr(args, k)]
+        if given:
+            parser.error(f"optimize: {', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --recipe; "
+                         "set it in the recipe's steps")
+    if args.command == "optimize" and args.structured and args.prune is None:
+        parser.error("optimize: --structured needs --prune AMOUNT")
     try:
         args.run(args)
     except Exception as e:

@@ -78,6 +78,19 @@ def test_optimize_saves_and_exports_then_summary_reads_the_save(tmp_path):
     assert "fuse       fuse   passes=all, dynamic_batch=True" in out
 
 
+def test_optimize_prunes_sparsifies_quantizes_and_exports(tmp_path):
+    out = ok(dsx(tmp_path, "optimize", "cli_factory:wide_mlp", "--input-shape", "8,64", "--prune", "0.3",
+                 "--sparsify", "2:4", "--quantize", "int8_static", "--calibration", "cli_factory:calibration",
+                 "--out", "q.dsx", "--export", "q.onnx", "--no-progress"))
+    steps = ("prune      prune", "sparsify   compress  pattern=2:4", "quantize   compress  format={format=int8_static")
+    assert all(step in out for step in steps), out
+    assert "exported: onnx -> q.onnx" in out
+    onnx = pytest.importorskip("onnx")
+    assert "MatMulInteger" in {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    out = ok(dsx(tmp_path, "summary", "q.dsx"))
+    assert "int8" in out and "quantize" in out
+
+
 def test_export_resnet_to_pt2_then_the_pt2_to_onnx(tmp_path):
     out = ok(dsx(tmp_path, "export", "cli_factory:resnet", "net.pt2", "--input-shape", "2,3,16,16", "--no-progress"))
     assert out.startswith("pt2 -> net.pt2 (max abs")
@@ -132,6 +145,13 @@ def test_plot_needs_matplotlib(tmp_path):
     (["export", "cli_factory:mlp", "out.onnx"], 1, "dsx: error: the model needs example inputs"),
     (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--recipe", "r.yaml", "--dynamic-batch"], 2,
      "--dynamic-batch does not apply to --recipe"),
+    (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--recipe", "r.yaml", "--quantize", "int8"], 2,
+     "--quantize does not apply to --recipe"),
+    (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--quantize", "int9"], 1,
+     "dsx: error: config: unknown quantization format 'int9'"),
+    (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--prune", "1.5"], 2,
+     "argument --prune: expected a fraction in [0, 1), got '1.5'"),
+    (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--structured"], 2, "--structured needs --prune"),
     (["summary", "missing.dsx"], 1, "dsx: error: summary: missing.dsx is not a directory written by dsx.save"),
 ])
 def test_errors_are_one_line_with_an_exit_code(tmp_path, args, code, message):
