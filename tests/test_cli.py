@@ -82,7 +82,7 @@ def test_optimize_prunes_sparsifies_quantizes_and_exports(tmp_path):
     out = ok(dsx(tmp_path, "optimize", "cli_factory:wide_mlp", "--input-shape", "8,64", "--prune", "0.3",
                  "--sparsify", "2:4", "--quantize", "int8_static", "--calibration", "cli_factory:calibration",
                  "--out", "q.dsx", "--export", "q.onnx", "--no-progress"))
-    steps = ("prune      prune", "sparsify   compress  pattern=2:4", "quantize   compress  format={format=int8_static")
+    steps = ("prune      prune", "sparsify   prune     pattern=2:4", "quantize   compress  format={format=int8_static")
     assert all(step in out for step in steps), out
     assert "exported: onnx -> q.onnx" in out
     onnx = pytest.importorskip("onnx")

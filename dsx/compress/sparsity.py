@@ -132,7 +132,7 @@ class Sparsify(Transform):
     """
 
     name = "sparsify"
-    stage = "compress"
+    stage = "prune"  # a pruning pattern: distillation (sparse fine-tuning) and quantization may follow it
 
     pattern: str = "2:4"
     skip: Sequence[str] = ()

@@ -57,7 +57,7 @@ def test_sparsify_pattern_and_skipped_reasons(mlp, x):
     assert check_2to4(out.up.weight) and check_2to4(out.down.weight)
     assert get_mask(out.odd) is None and get_mask(out.head) is None
     entry = dsx.history(out)[-1]
-    assert entry["transform"] == "sparsify" and entry["stage"] == "compress"
+    assert entry["transform"] == "sparsify" and entry["stage"] == "prune"
     assert entry["config"]["layers"] == ["down", "up"]
     info = entry["info"]
     assert info["sparsified"] == 2 and info["sparsity"] == 0.5 and info["accelerated"] == []
@@ -93,7 +93,7 @@ def test_then_quantize_keeps_zeros(mlp, x):
     q = dsx.quantize(sparsify(mlp, example_inputs=x), "int8", example_inputs=x)
     assert q.up.weight.dtype == torch.int8 and check_2to4(q.up.weight) and check_2to4(q.down.weight)
     assert [e["transform"] for e in dsx.history(q)] == ["sparsify", "quantize"]
-    with pytest.raises(ValueError, match="already quantized"):
+    with pytest.raises(ValueError, match="cannot apply 'sparsify' after 'quantize'"):
         sparsify(q)
 
 
