@@ -13,6 +13,7 @@ BENCH = Path(__file__).parent.parent / "benchmarks"
     ("bench_kernels.py", ["--rows", "64", "--cols", "96", "--dtype", "fp32", "--iters", "2"], "softmax_scale_mask"),
     ("bench_optimize.py", ["--models", "resnet", "--iters", "1", "--no-progress"], "fold_batch_norm=9"),
     ("bench_export.py", ["--models", "resnet", "--iters", "1", "--no-progress"], "int8 vs fp32 in ort"),
+    ("bench_prune.py", ["--small", "--iters", "1", "--no-progress"], "pruned"),
 ])
 def test_benchmark_prints_its_table(script, args, row):
     res = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)

@@ -1,0 +1,118 @@
+"""Structured pruning of Hugging Face BERT, GPT-2 and Llama (grouped-query attention): whole heads and MLP
+neurons go, the hidden size stays, the attributes forward reads follow, and a plan replays exactly."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from dsx.compress.depgraph import build_depgraph, tensor_leaves
+from dsx.compress.structured import prune_structured
+from dsx.core.inputs import normalize_inputs
+from tests.hf_models import tiny_hf
+
+
+def run(model, kwargs):
+    with torch.no_grad():
+        return tensor_leaves(model(**kwargs))
+
+
+@pytest.mark.parametrize("amount", [0.5, 0.3])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_prunes_heads_and_neurons_to_the_ratio_and_replays(name, amount):
+    model, kwargs = tiny_hf(name)
+    original = copy.deepcopy(model)
+    before = run(original, kwargs)
+    pruned, info = prune_structured(model, amount, normalize_inputs(kwargs))
+    assert abs(info["ratio"] - amount) <= 0.05, info
+    assert info["params_after"] < info["params_before"]
+    json.dumps(info)
+    after = run(pruned, kwargs)
+    assert [t.shape for t in after] == [t.shape for t in before]
+    assert all(t.isfinite().all() for t in after)
+    assert len(info["attention"]) == 2 and all(h["heads"] < 4 for h in info["attention"].values())
+    fresh, _ = prune_structured(copy.deepcopy(original), 0.0, normalize_inputs(kwargs), plan=info["plan"])
+    fresh.load_state_dict(pruned.state_dict(), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(run(fresh, kwargs), after))
+
+
+def test_hidden_size_stays_and_only_heads_and_mlp_groups_are_prunable():
+    for name, heads, mlp in [("bert", "encoder.layer.0.attention.self", "encoder.layer.0.intermediate.dense"),
+                             ("gpt2", "h.0.attn", "h.0.mlp.c_fc"),
+                             ("llama", "layers.0.self_attn", "layers.0.mlp.gate_proj")]:
+        model, kwargs = tiny_hf(name)
+        groups = {g.key: g for g in build_depgraph(model, normalize_inputs(kwargs)).groups}
+        prunable = {k for k, g in groups.items() if g.reason is None}
+        assert {heads, mlp} <= prunable and len(prunable) == 4, (name, prunable)
+        assert groups[heads].width == {"bert": 16, "gpt2": 48, "llama": 32}[name]  # positions per unit in its root
+        assert groups[mlp].size == (256 if name == "gpt2" else 128)
+
+
+def test_bert_attributes_follow_the_heads():
+    model, kwargs = tiny_hf("bert")
+    pruned, info = prune_structured(model, 0.5, normalize_inputs(kwargs))
+    att = pruned.encoder.layer[0].attention
+    assert att.self.num_attention_heads == info["attention"]["encoder.layer.0.attention.self"]["heads"] == 2
+    assert att.self.all_head_size == att.self.query.out_features == att.output.dense.in_features == 32
+    assert pruned.config.hidden_size == 64 and pruned.config.num_attention_heads == 4  # head size derives from it
+    assert pruned.config.intermediate_size == pruned.encoder.layer[1].intermediate.dense.out_features == 64
+
+
+def test_gpt2_fused_qkv_keeps_q_k_v_slices_consistent():
+    model, kwargs = tiny_hf("gpt2")
+    original = copy.deepcopy(model)
+    pruned, info = prune_structured(model, 0.5, normalize_inputs(kwargs), plan={"h.0.attn": 2})
+    attn = pruned.h[0].attn
+    assert (attn.num_heads, attn.split_size, attn.c_attn.nf) == (2, 32, 96)
+    assert attn.c_attn.weight.shape == (64, 96) and attn.c_proj.weight.shape == (32, 64)
+    w = original.h[0].attn.c_attn.weight  # plan keeps heads 0 and 1: the first 32 columns of each of q, k, v
+    assert torch.equal(attn.c_attn.weight, torch.cat([w[:, :32], w[:, 64:96], w[:, 128:160]], 1))
+    assert torch.equal(attn.c_proj.weight, original.h[0].attn.c_proj.weight[:32])
+    assert info["attention"]["h.1.attn"]["heads"] == 4 and pruned.h[1].attn.num_heads == 4
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_llama_gqa_prunes_whole_kv_groups(attn):
+    model, kwargs = tiny_hf("llama", attn=attn)
+    pruned, info = prune_structured(model, 0.5, normalize_inputs(kwargs))
+    layer = pruned.layers[0].self_attn
+    assert info["attention"]["layers.0.self_attn"] == {"heads": 2, "kv_heads": 1}
+    assert (layer.q_proj.out_features, layer.k_proj.out_features, layer.o_proj.in_features) == (32, 16, 32)
+    assert layer.num_key_value_groups == 2 and layer.head_dim == 16
+    assert info["config"] == {"intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
+    with torch.no_grad():
+        out = pruned(**kwargs, use_cache=True)
+    assert out.last_hidden_state.shape == (2, 16, 64) and out.past_key_values is not None
+
+
+def test_per_layer_head_counts_may_differ():
+    model, kwargs = tiny_hf("llama")
+    pruned, info = prune_structured(model, 0.0, normalize_inputs(kwargs),
+                                    plan={"layers.0.self_attn": 1, "layers.1.mlp.gate_proj": 100})
+    assert [info["attention"][f"layers.{i}.self_attn"]["kv_heads"] for i in (0, 1)] == [1, 2]
+    assert info["config"] == {}  # no single value holds for every layer
+    assert pruned.layers[1].mlp.intermediate_size == 100 and pruned.layers[0].mlp.intermediate_size == 128
+    assert run(pruned, kwargs)[0].shape == (2, 16, 64)
+
+
+def test_skip_and_global_scope_on_a_transformer():
+    model, kwargs = tiny_hf("bert")
+    pruned, info = prune_structured(model, 0.3, normalize_inputs(kwargs), skip=["re:.*attention.*"],
+                                    scope="global", importance="taylor")
+    assert set(info["plan"]) == {"encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"}
+    assert pruned.encoder.layer[0].attention.self.num_attention_heads == 4
+    assert abs(info["ratio"] - 0.3) <= 0.05
+
+
+def test_hidden_size_stays_when_the_output_does_not_show_it():
+    """A causal LM returns only logits: the residual stream is still kept (attention reads it), tied head included."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, vocab_size=100, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    pruned, info = prune_structured(model, 0.5, normalize_inputs({"input_ids": ids}))
+    assert "hidden size" in info["skipped"]["model.embed_tokens"] and abs(info["ratio"] - 0.5) <= 0.05
+    assert pruned.lm_head.weight is pruned.model.embed_tokens.weight and pruned.lm_head.weight.shape == (100, 64)
+    assert run(pruned, {"input_ids": ids})[0].shape == (2, 8, 100)
