@@ -86,6 +86,7 @@ def test_optimize_prunes_sparsifies_quantizes_and_exports(tmp_path):
     assert all(step in out for step in steps), out
     assert "exported: onnx -> q.onnx" in out
     onnx = pytest.importorskip("onnx")
+    # After the fuse step the static linears are inlined into a captured graph: integer ops, not QDQ modules.
     assert "MatMulInteger" in {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
     out = ok(dsx(tmp_path, "summary", "q.dsx"))
     assert "int8" in out and "quantize" in out

@@ -16,6 +16,7 @@ import torch.utils._pytree as pytree
 from dsx.core.inputs import Inputs, check_module, normalize_inputs, run_model
 from dsx.core.transform import VerificationError, compare_outputs
 from dsx.export.onnx_ops import DEFAULT_OPSET, translation_table
+from dsx.export.qdq import qdq_form
 from dsx.export.result import ExportResult, check_error, prepare
 from dsx.quant.linear import FP8, QuantLinear
 from dsx.quant.qat import QATLinear
@@ -89,9 +90,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     (``max_abs`` / ``max_rel`` in the result); a max relative error over ``rtol`` (default 1e-4) raises
     ``VerificationError``, and for a quantized model without an ``rtol`` a cosine similarity under
     ``QUANTIZED_MIN_COSINE`` does. A model in training mode is exported in eval mode (a copy).
-    dsx ``int8`` / ``int8_static`` linears export as ``MatMulInteger`` with their scales, ``int8_weight_only`` as
-    a per-channel ``DequantizeLinear`` weight; fp8, QAT (``dsx.convert`` it first) and bitsandbytes modules are
-    refused with a ``ValueError``.
+    dsx ``int8`` linears export as per-token quantization and ``MatMulInteger``, ``int8_static`` ones as QDQ
+    pairs with the calibrated scales, ``int8_weight_only`` as a per-channel ``DequantizeLinear`` weight; fp8, QAT
+    (``dsx.convert`` it first) and bitsandbytes modules are refused with a ``ValueError``.
     """
     path = Path(path)
     if path.suffix != ".onnx":
@@ -104,9 +105,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     inputs = normalize_inputs(example_inputs)
     onnx, _ = _require_onnx()
     model, dynamic_shapes, notes = prepare(model, inputs, dynamic_shapes)
+    traced, n_qdq = qdq_form(model)
+    if n_qdq:
+        notes.append(f"{n_qdq} int8_static linears as QuantizeLinear / DequantizeLinear pairs")
     opset = DEFAULT_OPSET if opset is None else opset
     args, kwargs = inputs
-    program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
+    program = torch.onnx.export(traced, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
                                 opset_version=opset, custom_translation_table=translation_table(opset),
                                 verbose=False)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ With them an optimized model exports without custom-domain nodes and with the nu
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ GELU_OPSET = 20
 
 
 def translation_table(opset: int = DEFAULT_OPSET) -> dict[Any, Callable]:
-    """``{dsx op overload: onnxscript function}`` for the six dsx ops, to pass as ``torch.onnx.export``'s
+    """``{op overload: onnxscript function}`` for the dsx ops and the QDQ ops, to pass as ``torch.onnx.export``'s
     ``custom_translation_table`` when exporting at ONNX ``opset`` (GELU is the ``Gelu`` operator from opset 20 on,
     spelled out with ``Erf`` / ``Tanh`` below it)."""
     from onnxscript import ir
@@ -141,8 +142,31 @@ def translation_table(opset: int = DEFAULT_OPSET) -> dict[Any, Callable]:
             y = op.Add(y, cast(bias, bias.dtype, ct))
         return cast(y, ct, x.dtype)
 
+    def int8_zero(value: int = 0) -> Any:
+        return op.Constant(value=ir.tensor(value, dtype=ir.DataType.INT8))
+
+    def quantize_per_tensor(x, scale: float, zero_point: int, quant_min: int, quant_max: int, dtype: Any):
+        """``QuantizeLinear`` (saturating to int8's [-128, 127]; no ``Clip`` to ``quant_min``, which would keep
+        onnxruntime from fusing the QDQ pair: only values past the calibrated range can differ, by one step)."""
+        return op.QuantizeLinear(x, const(scale, ir.DataType.FLOAT), int8_zero(zero_point))
+
+    def dequantize_per_tensor(q, scale: float, zero_point: int, quant_min: int, quant_max: int, dtype: Any,
+                              out_dtype: Any = None):
+        return op.DequantizeLinear(q, const(scale, ir.DataType.FLOAT), int8_zero(zero_point))
+
+    def dequantize_per_channel(q, scales, zero_points, axis: int, quant_min: int, quant_max: int, dtype: Any,
+                               out_dtype: Any = None):
+        zeros = op.Cast(zero_points, to=ir.DataType.INT8)
+        return op.DequantizeLinear(q, op.Cast(scales, to=ir.DataType.FLOAT), zeros, axis=axis)
+
+    importlib.import_module("torch.ao.quantization.fx._decomposed")  # registers the quantized_decomposed ops
+
+    qd = torch.ops.quantized_decomposed
     ops = torch.ops.dsx
     return {
+        qd.quantize_per_tensor.default: quantize_per_tensor,
+        qd.dequantize_per_tensor.default: dequantize_per_tensor,
+        qd.dequantize_per_channel.default: dequantize_per_channel,
         ops.quantize_per_token.default: quantize_per_token,
         ops.int8_scaled_mm.default: int8_scaled_mm,
         ops.int8_weight_only_mm.default: int8_weight_only_mm,

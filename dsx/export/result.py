@@ -12,6 +12,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from dsx.compress.masks import make_permanent, masked_modules
 from dsx.core.inputs import Inputs
 from dsx.core.transform import VerificationError
 from dsx.graph.capture import batch_dynamic_shapes
@@ -34,12 +35,16 @@ class ExportResult:
 
 
 def prepare(model: nn.Module, inputs: Inputs, dynamic_shapes: Any) -> tuple[nn.Module, Any, list[str]]:
-    """The model to trace (an eval-mode copy if it is training), the resolved ``dynamic_shapes`` (``"batch"``
-    makes dim 0 of every input dynamic) and the notes so far."""
+    """The model to trace (an eval-mode copy if it is training; a copy with pruning / 2:4 masks folded into plain
+    weights, so the file holds dense weights with zeros), the resolved ``dynamic_shapes`` (``"batch"`` makes dim 0
+    of every input dynamic) and the notes so far."""
     notes = []
     if model.training:
         model = copy.deepcopy(model).eval()
         notes.append("exported in eval mode")
+    if masked_modules(model):
+        model = make_permanent(model)
+        notes.append("pruning masks folded into the weights")
     if dynamic_shapes == "batch":
         dynamic_shapes = batch_dynamic_shapes(model, inputs)
     return model, dynamic_shapes, notes

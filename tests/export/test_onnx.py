@@ -147,7 +147,7 @@ def test_path_must_end_in_onnx(tmp_path):
         export_onnx(mlp(), torch.randn(3, 16), tmp_path / "model.pt")
 
 
-@pytest.mark.parametrize("fmt,node", [("int8", "MatMulInteger"), ("int8_static", "MatMulInteger"),
+@pytest.mark.parametrize("fmt,node", [("int8", "MatMulInteger"), ("int8_static", "QuantizeLinear"),
                                       ("int8_weight_only", "DequantizeLinear")])
 def test_quantized_mlp_exports_integer_ops_with_dynamic_batch(tmp_path, fmt, node):
     torch.manual_seed(0)
@@ -169,6 +169,30 @@ def test_quantized_hf_bert_matches_the_pytorch_int8_model(tmp_path):
     got = run_onnx(res.path, kwargs)[0]
     ref = torch_outputs(q, kwargs)[0]
     assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("how", ["unstructured", "2:4", "2:4+int8", "structured"])
+def test_pruned_and_sparse_models_export_their_weights(tmp_path, how):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+    x = torch.randn(8, 64)
+    if how == "unstructured":
+        model = dsx.prune(model, 0.5)
+    elif how == "structured":
+        model = dsx.prune(model, 0.5, structured=True, example_inputs=x)
+    else:
+        model = dsx.sparsify(model, "2:4")
+        model = dsx.quantize(model, "int8", progress=False) if how.endswith("int8") else model
+    res = export_onnx(model, x, tmp_path / "m.onnx", dynamic_shapes="batch")
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(res.path)).graph.initializer}
+    big = [w for w in weights.values() if w.ndim == 2]
+    assert len(big) == 2
+    if how == "structured":
+        assert {w.shape for w in big} != {(128, 64), (32, 128)} and (res.max_rel or 0) < TOL
+    else:
+        assert all((w == 0).mean() >= 0.5 for w in big)  # dense tensors holding the zeros, no mask inputs
+    (got,) = run_onnx(res.path, {"input": torch.randn(3, 64)})
+    assert got.shape == (3, 32)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "qat"])
