@@ -1,0 +1,1 @@
+"""Distributed dsx: compressed-gradient DDP hooks, sharding-aware transforms, distributed calibration, checkpoints."""
