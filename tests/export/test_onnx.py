@@ -161,13 +161,21 @@ def test_quantized_mlp_exports_integer_ops_with_dynamic_batch(tmp_path, fmt, nod
         assert torch.nn.functional.cosine_similarity(got.flatten(), q(x).flatten(), dim=0) > 0.999
 
 
-def test_quantized_hf_bert_matches_the_pytorch_int8_model(tmp_path):
-    model, kwargs = tiny_hf("bert")
-    q = dsx.quantize(model, "int8", progress=False)
-    res = export_onnx(q, kwargs, tmp_path / "bert.onnx")
-    assert ("", "MatMulInteger") in onnx_ops(res.path)
-    got = run_onnx(res.path, kwargs)[0]
-    ref = torch_outputs(q, kwargs)[0]
+@pytest.mark.parametrize("name,fmt", [("bert", "int8"), ("gpt2", "int8"), ("bert", "int8_static")])
+def test_quantized_hf_models_with_dynamic_batch_and_sequence(tmp_path, name, fmt):
+    model, kwargs = tiny_hf(name)
+    fixed = {"use_cache": False} if name == "gpt2" else {}
+    calibration = [kwargs] * 2 if fmt == "int8_static" else None
+    q = dsx.quantize(model, fmt, calibration=calibration, progress=False)
+    dims = {0: Dim.DYNAMIC, 1: Dim.DYNAMIC}
+    spec = {"input_ids": dims, "attention_mask": dims, **{k: None for k in fixed}}
+    res = export_onnx(q, {**kwargs, **fixed}, tmp_path / f"{name}.onnx", dynamic_shapes=spec)
+    assert ("", "MatMulInteger" if fmt == "int8" else "QuantizeLinear") in onnx_ops(res.path)
+    ids = torch.randint(0, 100, (3, 11))
+    feeds = {"input_ids": ids, "attention_mask": torch.ones(3, 11, dtype=torch.long)}
+    got = run_onnx(res.path, feeds)[0]
+    ref = torch_outputs(q, {**feeds, **fixed})[0]
+    assert got.shape == (3, 11, 64)
     assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.99
 
 
