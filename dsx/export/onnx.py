@@ -71,11 +71,14 @@ def run_onnx(path: str | os.PathLike, feeds: dict[str, Any]) -> list[torch.Tenso
     return [torch.from_numpy(o) for o in outputs]
 
 
+FLOAT8_OPSET = 19
+"""The first opset with float8 QuantizeLinear / DequantizeLinear / Cast."""
+
+
 def _not_exportable(model: nn.Module) -> str | None:
-    """The first module ONNX export cannot express yet (fp8, fake-quant QAT, bitsandbytes), None when none."""
+    """The first module ONNX export cannot express yet (fake-quant QAT, bitsandbytes), None when none."""
     for name, m in model.named_modules():
-        fp8 = isinstance(m, QuantLinear) and m.weight_dtype == FP8
-        if fp8 or isinstance(m, QATLinear) or type(m).__name__ in BNB_CLASSES:
+        if isinstance(m, QATLinear) or type(m).__name__ in BNB_CLASSES:
             return f"{name or '<the model itself>'!r} ({type(m).__name__})"
     return None
 
@@ -91,16 +94,17 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     ``VerificationError``, and for a quantized model without an ``rtol`` a cosine similarity under
     ``QUANTIZED_MIN_COSINE`` does. A model in training mode is exported in eval mode (a copy).
     dsx ``int8`` linears export as per-token quantization and ``MatMulInteger``, ``int8_static`` ones as QDQ
-    pairs with the calibrated scales, ``int8_weight_only`` as a per-channel ``DequantizeLinear`` weight; fp8, QAT
-    (``dsx.convert`` it first) and bitsandbytes modules are refused with a ``ValueError``.
+    pairs with the calibrated scales, ``int8_weight_only`` as a per-channel ``DequantizeLinear`` weight, ``fp8`` as
+    a row-wise float8 ``QuantizeLinear`` (opset >= 19); QAT (``dsx.convert`` it first) and bitsandbytes modules are
+    refused with a ``ValueError``.
     """
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"path: an ONNX file name must end in .onnx, got {str(path)!r}")
     check_module(model)
     if (bad := _not_exportable(model)) is not None:
-        raise ValueError(f"model: {bad} cannot be exported to ONNX yet: fp8, QAT fake-quant and bitsandbytes layers "
-                         "have no ONNX form here (dsx.convert a QAT model first; export fp8 as a .pt2 file)")
+        raise ValueError(f"model: {bad} cannot be exported to ONNX yet: QAT fake-quant and bitsandbytes layers "
+                         "have no ONNX form here (dsx.convert a QAT model first)")
     by_cosine = rtol is None and quantized_module(model) is not None
     inputs = normalize_inputs(example_inputs)
     onnx, _ = _require_onnx()
@@ -109,6 +113,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     if n_qdq:
         notes.append(f"{n_qdq} int8_static linears as QuantizeLinear / DequantizeLinear pairs")
     opset = DEFAULT_OPSET if opset is None else opset
+    fp8 = any(isinstance(m, QuantLinear) and m.weight_dtype == FP8 for m in model.modules())
+    if fp8 and opset < FLOAT8_OPSET:
+        raise ValueError(f"opset: float8 layers need ONNX opset >= {FLOAT8_OPSET}, got {opset}")
     args, kwargs = inputs
     program = torch.onnx.export(traced, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
                                 opset_version=opset, custom_translation_table=translation_table(opset),

@@ -142,6 +142,20 @@ def translation_table(opset: int = DEFAULT_OPSET) -> dict[Any, Callable]:
             y = op.Add(y, cast(bias, bias.dtype, ct))
         return cast(y, ct, x.dtype)
 
+    def quantize_fp8_rowwise(x):
+        """Row-wise e4m3 as ``dsx.kernels.quantize_fp8_rowwise``: a per-row ``QuantizeLinear`` (opset 19 float8,
+        saturating, round to nearest even) by ``max(|row|, 1e-12) / 448``. 2-D inputs only (``FP8QDQLinear`` passes
+        rows): onnxruntime has no float8 ``Reshape`` to restore other shapes."""
+        if len(x.shape) != 2:
+            raise ValueError(f"quantize_fp8_rowwise: ONNX export takes 2-D rows, got rank {len(x.shape)}")
+        h = cast(x, x.dtype, ir.DataType.FLOAT)
+        amax = op.Max(op.ReduceMax(op.Abs(h), op.Constant(value_ints=[-1]), keepdims=1),
+                      const(1e-12, ir.DataType.FLOAT))
+        scale = op.Div(amax, const(448.0, ir.DataType.FLOAT))
+        flat = op.Reshape(scale, op.Constant(value_ints=[-1]))
+        zero = op.Cast(op.Mul(flat, const(0.0, ir.DataType.FLOAT)), to=ir.DataType.FLOAT8E4M3FN)  # one per row
+        return op.QuantizeLinear(h, flat, zero, axis=0), scale
+
     def int8_zero(value: int = 0) -> Any:
         return op.Constant(value=ir.tensor(value, dtype=ir.DataType.INT8))
 
@@ -170,6 +184,7 @@ def translation_table(opset: int = DEFAULT_OPSET) -> dict[Any, Callable]:
         ops.quantize_per_token.default: quantize_per_token,
         ops.int8_scaled_mm.default: int8_scaled_mm,
         ops.int8_weight_only_mm.default: int8_weight_only_mm,
+        ops.quantize_fp8_rowwise.default: quantize_fp8_rowwise,
         ops.add_layer_norm.default: add_layer_norm,
         ops.add_rms_norm.default: add_rms_norm,
         ops.rms_norm.default: rms_norm,

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dsx.quant.linear import Int8StaticLinear
+from dsx.export.fp8 import FP8QDQLinear
+from dsx.quant.linear import FP8Linear, Int8StaticLinear
 
 
 def _ops() -> Any:
@@ -42,10 +43,13 @@ class StaticQDQLinear(nn.Module):
         return F.linear(h, w, None if self.bias is None else self.bias.float()).to(x.dtype)
 
 
+EXPORT_FORMS: dict[type[nn.Module], type[nn.Module]] = {Int8StaticLinear: StaticQDQLinear, FP8Linear: FP8QDQLinear}
+
+
 def qdq_form(model: nn.Module) -> tuple[nn.Module, int]:
-    """A copy of ``model`` with every ``Int8StaticLinear`` in its QDQ form (the model itself when there is none),
-    and how many were replaced."""
-    names = [n for n, m in model.named_modules() if isinstance(m, Int8StaticLinear)]
+    """A copy of ``model`` with every ``Int8StaticLinear`` and ``FP8Linear`` in its QDQ export form (the model itself
+    when there is none), and how many were replaced."""
+    names = [n for n, m in model.named_modules() if type(m) in EXPORT_FORMS]
     if not names:
         return model, 0
     model = copy.deepcopy(model)
@@ -53,6 +57,7 @@ def qdq_form(model: nn.Module) -> tuple[nn.Module, int]:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         if not child:
-            return StaticQDQLinear(model), 1
-        setattr(owner, child, StaticQDQLinear(owner.get_submodule(child)))
+            return EXPORT_FORMS[type(model)](model), 1
+        module = owner.get_submodule(child)
+        setattr(owner, child, EXPORT_FORMS[type(module)](module))
     return model, len(names)

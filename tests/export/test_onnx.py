@@ -16,6 +16,7 @@ pytest.importorskip("onnxscript")
 import dsx  # noqa: E402
 from dsx.core.transform import VerificationError, compare_outputs  # noqa: E402
 from dsx.export.onnx import export_onnx, run_onnx  # noqa: E402
+from dsx.quant.linear import fp8_supported  # noqa: E402
 from dsx.models import TinyResNet, randomize_batchnorm  # noqa: E402
 from tests.hf_models import tiny_hf  # noqa: E402
 
@@ -161,8 +162,10 @@ def test_quantized_mlp_exports_integer_ops_with_dynamic_batch(tmp_path, fmt, nod
         assert torch.nn.functional.cosine_similarity(got.flatten(), q(x).flatten(), dim=0) > 0.999
 
 
-@pytest.mark.parametrize("name,fmt", [("bert", "int8"), ("gpt2", "int8"), ("bert", "int8_static")])
+@pytest.mark.parametrize("name,fmt", [("bert", "int8"), ("gpt2", "int8"), ("bert", "int8_static"), ("gpt2", "fp8")])
 def test_quantized_hf_models_with_dynamic_batch_and_sequence(tmp_path, name, fmt):
+    if fmt == "fp8" and (reason := fp8_supported(torch.device("cpu"))):
+        pytest.skip(reason)
     model, kwargs = tiny_hf(name)
     fixed = {"use_cache": False} if name == "gpt2" else {}
     calibration = [kwargs] * 2 if fmt == "int8_static" else None
@@ -171,6 +174,7 @@ def test_quantized_hf_models_with_dynamic_batch_and_sequence(tmp_path, name, fmt
     spec = {"input_ids": dims, "attention_mask": dims, **{k: None for k in fixed}}
     res = export_onnx(q, {**kwargs, **fixed}, tmp_path / f"{name}.onnx", dynamic_shapes=spec)
     assert ("", "MatMulInteger" if fmt == "int8" else "QuantizeLinear") in onnx_ops(res.path)
+    assert res.max_rel is not None
     ids = torch.randint(0, 100, (3, 11))
     feeds = {"input_ids": ids, "attention_mask": torch.ones(3, 11, dtype=torch.long)}
     got = run_onnx(res.path, feeds)[0]
@@ -203,10 +207,25 @@ def test_pruned_and_sparse_models_export_their_weights(tmp_path, how):
     assert got.shape == (3, 32)
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "qat"])
-def test_formats_without_an_onnx_form_are_refused(tmp_path, fmt):
-    q = dsx.quantize(mlp().train(), "int8", qat=True) if fmt == "qat" else dsx.quantize(mlp(), fmt, progress=False)
-    with pytest.raises(ValueError, match=r"model: '0' \((FP8Linear|QATLinear)\) cannot be exported to ONNX"):
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_weight_only"])
+def test_fp8_exports_as_float8_and_needs_opset_19(tmp_path, fmt):
+    if fmt == "fp8" and (reason := fp8_supported(torch.device("cpu"))):
+        pytest.skip(reason)
+    q = dsx.quantize(mlp(), fmt, progress=False)
+    res = export_onnx(q, torch.randn(3, 16), tmp_path / "q.onnx", dynamic_shapes="batch")
+    if fmt == "fp8":
+        assert ("", "QuantizeLinear") in onnx_ops(res.path)
+    x = torch.randn(5, 16)
+    (got,) = run_onnx(res.path, {"input": x})
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(got.flatten(), q(x).flatten(), dim=0) > 0.999
+    with pytest.raises(ValueError, match="opset: float8 layers need ONNX opset >= 19, got 18"):
+        export_onnx(q, torch.randn(3, 16), tmp_path / "q18.onnx", opset=18)
+
+
+def test_qat_models_are_refused_until_converted(tmp_path):
+    q = dsx.quantize(mlp().train(), "int8", qat=True)
+    with pytest.raises(ValueError, match=r"model: '0' \(QATLinear\) cannot be exported to ONNX"):
         export_onnx(q, torch.randn(3, 16), tmp_path / "q.onnx")
 
 
