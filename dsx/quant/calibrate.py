@@ -39,12 +39,13 @@ def _check_finite(inputs: Inputs, index: int) -> None:
                 )
 
 
-def check_batches(data: Any) -> list[Inputs]:
+def check_batches(data: Any, *, allow_empty: bool = False) -> list[Inputs]:
     """The calibration batches as ``(args, kwargs)`` pairs, after checking them all.
 
     ``data`` is an iterable (a list, a generator, a DataLoader) of batches, each a Tensor, a tuple/list of
     positional inputs or a dict of keyword inputs. Raises ``TypeError`` if ``data`` is not such an iterable or a
-    batch has an unsupported form, ``ValueError`` if it is empty or a floating input holds NaN or inf.
+    batch has an unsupported form, ``ValueError`` if a floating input holds NaN or inf, or if it is empty (unless
+    ``allow_empty``: one rank of a distributed calibration may hold no batches).
     """
     if isinstance(data, (torch.Tensor, dict, str, bytes)) or not isinstance(data, Iterable):
         hint = "; wrap a single batch in a list: [batch]" if isinstance(data, (torch.Tensor, dict)) else ""
@@ -57,7 +58,7 @@ def check_batches(data: Any) -> list[Inputs]:
         inputs = normalize_inputs(batch, name=f"calibration batch {i}")
         _check_finite(inputs, i)
         batches.append(inputs)
-    if not batches:
+    if not batches and not allow_empty:
         raise ValueError("calibration: the calibration data is empty; pass at least one batch")
     return batches
 

@@ -19,6 +19,7 @@ from dsx.quant.calibrate import Observers, check_batches, observe_inputs
 from dsx.quant.config import QuantConfig, resolve_config
 from dsx.quant.embedding import QuantizedEmbedding
 from dsx.quant.linear import LINEARS, Int8StaticLinear, QuantLinear, fp8_supported, is_linear, linear_weight
+from dsx.quant.observers import ChannelAbsMax, make_observer
 from dsx.quant.qat import QATLinear
 from dsx.quant.smoothquant import smoothing_scales
 
@@ -77,6 +78,12 @@ class Quantize(Transform):
     budget: with ``max_error`` the most sensitive layers stay float until the relative output error is within
     it. ``qat=True`` inserts fake-quant modules to train; ``dsx.convert`` then yields the int8 model.
     ``layers`` names exactly the modules to quantize (the history records it, and ``dsx.load`` replays it).
+
+    Distributed (``distributed=None``: automatic when ``torch.distributed`` is initialized with more than one rank
+    in ``process_group``, default group when None; ``False`` opts out): every rank passes its own ``calibration``
+    batches (possibly none), and the observer statistics and the accuracy-budget errors are all-reduced, so every
+    rank builds the same model as one process calibrating on the union of the batches. Every rank must call it
+    with the same model and settings; the data on all ranks together must not be empty.
     """
 
     name = "quantize"
@@ -90,6 +97,8 @@ class Quantize(Transform):
     calibration: Any = None
     progress: bool = True
     layers: list[str] | None = None
+    distributed: bool | None = None
+    process_group: Any = None
 
     def __post_init__(self) -> None:
         self.spec: QuantConfig = resolve_config(self.format)
@@ -100,11 +109,14 @@ class Quantize(Transform):
             raise TypeError(f"filter_fn: expected a callable (name, module) -> bool, got {type(self.filter_fn)}")
         if self.max_error is not None and not (isinstance(self.max_error, (int, float)) and self.max_error > 0):
             raise ValueError(f"max_error: expected a positive relative error, got {self.max_error!r}")
+        if self.distributed is not None and not isinstance(self.distributed, bool):
+            raise TypeError(f"distributed: expected True, False or None (auto), got {self.distributed!r}")
         if self.qat and not self.spec.qat:
             qat_formats = sorted(QATLinear.formats)
             raise ValueError(f"qat: the {self.spec.format!r} format has no quantization-aware training; "
                              f"QAT supports {qat_formats}")
         self._resolved: list[str] | None = None
+        self._sync = False
 
     def config(self) -> dict[str, Any]:
         if self._resolved is not None:
@@ -148,6 +160,21 @@ class Quantize(Transform):
                 warnings.warn(f"quantize: skip pattern {p!r} matches no module", stacklevel=4)
         return chosen, skipped
 
+    def observe(self, model: nn.Module, modules: dict[str, nn.Module], batches: list[Any], observer: str,
+                channel_absmax: bool = False, **kwargs: Any) -> dict[str, Observers]:
+        """``observe_inputs`` on the local batches, then, when distributed, synced across the ranks."""
+        if batches:
+            stats = observe_inputs(model, modules, batches, observer, channel_absmax=channel_absmax,
+                                   progress=self.progress, **kwargs)
+        else:
+            stats = {n: Observers(make_observer(observer, **kwargs), ChannelAbsMax() if channel_absmax else None)
+                     for n in modules}
+        if self._sync:
+            from dsx.parallel.calibration import sync_observers
+
+            sync_observers(stats, self.process_group)
+        return stats
+
     def calibrate(self, model: nn.Module, linears: dict[str, nn.Module],
                   batches: list[Any]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """Static activation ranges per linear (of ``x * smooth`` with SmoothQuant) and the smoothing factors."""
@@ -155,7 +182,7 @@ class Quantize(Transform):
         kwargs = {"percentile": spec.percentile} if spec.observer == "percentile" else {}
         smooth: dict[str, torch.Tensor] = {}
         if spec.smoothquant is not None:
-            seen = observe_inputs(model, linears, batches, "minmax", channel_absmax=True, progress=self.progress)
+            seen = self.observe(model, linears, batches, "minmax", channel_absmax=True)
             for name, obs in seen.items():
                 if obs.activation.count:
                     s = smoothing_scales(obs.channel_absmax.amax(), linear_weight(linears[name])[0], spec.smoothquant)
@@ -166,8 +193,7 @@ class Quantize(Transform):
             set_module(model, name, wrapper)
             probes[name] = wrapper.probe
         try:
-            stats: dict[str, Observers] = observe_inputs(model, probes, batches, spec.observer,
-                                                         progress=self.progress, **kwargs)
+            stats = self.observe(model, probes, batches, spec.observer, **kwargs)
         finally:
             for name in smooth:
                 set_module(model, name, linears[name])
@@ -205,11 +231,16 @@ class Quantize(Transform):
                 set_module(model, n, built[n])
             try:
                 with eval_mode(model):
-                    return max(compare_outputs(r, run_model(model, b, name="calibration batch"))["max_rel"]
-                               for r, b in zip(refs, batches))
+                    worst = max((compare_outputs(r, run_model(model, b, name="calibration batch"))["max_rel"]
+                                 for r, b in zip(refs, batches)), default=0.0)
             finally:
                 for n in names:
                     set_module(model, n, originals[n])
+            if self._sync:  # the error over the union of the batches is the max of the ranks' errors
+                from dsx.parallel.calibration import all_reduce_scalar
+
+                worst = all_reduce_scalar(worst, "max", self.process_group)
+            return worst
 
         names = list(built)
         if error(names) <= self.max_error:
@@ -234,10 +265,15 @@ class Quantize(Transform):
         device = model_device(model)
         if spec.format == "fp8" and (reason := fp8_supported(device)) is not None:
             raise ValueError(f"config: {reason}; use 'fp8_weight_only' or 'int8' on this device")
+        from dsx.parallel.calibration import all_reduce_scalar, distributed_active  # dsx.parallel imports dsx.quant
+
+        self._sync = distributed_active(self.distributed, self.process_group)
         chosen, skipped = self.select(model)
-        batches = check_batches(self.calibration) if self.calibration is not None else None
+        batches = check_batches(self.calibration, allow_empty=self._sync) if self.calibration is not None else None
         if batches is not None:
             batches = [kwargs or args for args, kwargs in batches]
+            if self._sync and not all_reduce_scalar(len(batches), "sum", self.process_group):
+                raise ValueError("calibration: the calibration data is empty on every rank; pass at least one batch")
         linears = {n: m for n, m in chosen.items() if not isinstance(m, nn.Embedding)}
         amax: dict[str, float] = {}
         smooth: dict[str, torch.Tensor] = {}
@@ -306,10 +342,12 @@ class Convert(Transform):
 def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "int8", *, calibration: Any = None,
              skip: Sequence[str] = (), filter_fn: Callable[[str, nn.Module], bool] | None = None,
              max_error: float | None = None, qat: bool = False, example_inputs: Any = None, progress: bool = True,
-             inplace: bool = False, verify: bool = True) -> nn.Module:
+             inplace: bool = False, verify: bool = True, distributed: bool | None = None,
+             process_group: Any = None) -> nn.Module:
     """``dsx.Quantize(config, ...)(model, example_inputs)``: the quantized copy of ``model`` (see ``Quantize``)."""
     return Quantize(config, skip=skip, filter_fn=filter_fn, max_error=max_error, qat=qat, calibration=calibration,
-                    progress=progress, inplace=inplace, verify=verify)(model, example_inputs)
+                    progress=progress, inplace=inplace, verify=verify, distributed=distributed,
+                    process_group=process_group)(model, example_inputs)
 
 
 def convert(model: nn.Module, example_inputs: Any = None, *, inplace: bool = False, verify: bool = True) -> nn.Module:
