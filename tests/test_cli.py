@@ -23,6 +23,20 @@ def test_python_dash_m_runs_the_cli():
     assert res.returncode == 0 and "attention_to_sdpa" in res.stdout
 
 
+def test_the_installed_console_script_runs(tmp_path):
+    script = Path(sys.executable).parent / "dsx"
+    if not script.exists():
+        pytest.skip("the dsx console script is not installed next to this Python (pip install -e .)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FIXTURES), str(ROOT)])}
+    res = subprocess.run([str(script), "optimize", "cli_factory:mlp", "--input-shape", "4,16", "--quantize", "int8",
+                          "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "quantize   compress  format={format=int8" in res.stdout
+    res = subprocess.run([str(script), "optimize", "cli_factory:mlp", "--input-shape", "4,16", "--prune", "2"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "--prune: expected a fraction in [0, 1)" in res.stderr
+
+
 def test_bad_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--iters", "0"])
