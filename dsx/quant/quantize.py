@@ -80,10 +80,11 @@ class Quantize(Transform):
     ``layers`` names exactly the modules to quantize (the history records it, and ``dsx.load`` replays it).
 
     Distributed (``distributed=None``: automatic when ``torch.distributed`` is initialized with more than one rank
-    in ``process_group``, default group when None; ``False`` opts out): every rank passes its own ``calibration``
-    batches (possibly none), and the observer statistics and the accuracy-budget errors are all-reduced, so every
-    rank builds the same model as one process calibrating on the union of the batches. Every rank must call it
-    with the same model and settings; the data on all ranks together must not be empty.
+    in ``process_group``, the default group when None; ``False`` opts out): every rank passes its own
+    ``calibration`` batches (possibly none); observer statistics are all-reduced
+    (``dsx.parallel.calibration.sync_observers``) and so is the budget's error (MAX: it is a max over batches), so
+    every rank builds the model that one process calibrating on the union of the batches builds, bit for bit.
+    Every rank calls it with the same model and settings; the batches of all ranks together must not be empty.
     """
 
     name = "quantize"
