@@ -4,14 +4,18 @@ gradients and learned scales (LSQ), and ``convert`` to the real int8 modules wit
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
-from dsx.quant.linear import Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear, QuantLinear, linear_weight
+from dsx.quant.linear import (
+    Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear, QuantLinear, is_hf_conv1d, linear_weight,
+)
 
 QMAX = 127.0
 TARGETS: dict[str, type[QuantLinear]] = {c.format: c for c in (Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear)}
@@ -31,6 +35,18 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Symmetric int8 fake quantization ``clamp(round(x / scale), -127, 127) * scale``; gradients reach both
     ``x`` (straight through inside the range) and ``scale`` (LSQ)."""
     return torch.clamp(round_ste(x / scale), -QMAX, QMAX) * scale
+
+
+def _carry_parametrizations(src: nn.Module, qat: nn.Module) -> None:
+    """Re-register ``src``'s weight parametrizations (pruning / 2:4 masks) on ``qat`` so the zeros stay zero while
+    training; a ``mask`` of a Hugging Face ``Conv1D`` (stored ``[in, out]``) is transposed to ``[out, in]``."""
+    if not parametrize.is_parametrized(src, "weight"):
+        return
+    for p in src.parametrizations.weight:
+        p = copy.deepcopy(p)
+        if is_hf_conv1d(src) and isinstance(getattr(p, "mask", None), torch.Tensor):
+            p.mask = p.mask.t().contiguous()
+        parametrize.register_parametrization(qat, "weight", p)
 
 
 class QATLinear(nn.Module):
@@ -62,6 +78,7 @@ class QATLinear(nn.Module):
         qat = cls(w, b, format)
         if input_amax is not None and qat.input_scale is not None:
             qat.input_scale.data.fill_(max(input_amax, 1e-12) / QMAX)
+        _carry_parametrizations(module, qat)
         return qat
 
     def extra_repr(self) -> str:

@@ -85,3 +85,23 @@ def test_qat_on_digits_ends_within_one_point_of_float(tmp_path):
     fresh = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
     again = dsx.load(fresh, tmp_path / "qat")
     assert torch.equal(again(xte), real(xte))
+
+
+@pytest.mark.parametrize("how", ["prune", "sparsify"])
+def test_qat_keeps_pruning_masks_through_training_and_convert(how, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    model = dsx.prune(model, 0.5) if how == "prune" else dsx.sparsify(model, "2:4")
+    zeros = model[0].weight == 0
+    qat = dsx.quantize(model.train(), "int8", qat=True)
+    opt = torch.optim.SGD(qat.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        qat(torch.randn(16, 64)).pow(2).mean().backward()
+        opt.step()
+    assert (qat[0].weight[zeros] == 0).all()
+    real = dsx.convert(qat.eval())
+    assert (real[0].weight[zeros] == 0).all()
+    dsx.save(qat, tmp_path / "qat")
+    fresh = dsx.load(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)), tmp_path / "qat")
+    assert all(torch.equal(v, qat.state_dict()[k]) for k, v in fresh.state_dict().items())
