@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -27,7 +28,8 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        queue.put((rank, True, fn(rank, world, *args)))
+        # Pickled here: a queued tensor would share memory with a process that may exit before it is read.
+        queue.put((rank, True, pickle.dumps(fn(rank, world, *args))))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -54,7 +56,7 @@ def run_distributed(fn: Callable[..., Any], *args: Any, world: int = 2, timeout:
             rank, ok, value = queue.get(timeout=timeout)
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     except Exception as e:
         if type(e).__name__ == "Empty":
             raise TimeoutError(f"distributed test did not finish in {timeout} s") from None
