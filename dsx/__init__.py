@@ -3,7 +3,7 @@
 Public API only; everything here is re-exported from the subpackages.
 """
 
-from dsx import export
+from dsx import export, parallel
 from dsx.api import optimize
 from dsx.compress import (
     Distill, MakePermanent, Prune, PruningSchedule, Sparsify, distill, make_permanent, prune, sparsify,
@@ -25,5 +25,5 @@ __all__ = [
     "Captured", "Compose", "Convert", "Distill", "Fuse", "MakePermanent", "Prune", "PruningSchedule", "Quantize",
     "Sparsify", "Summary", "Transform", "VerificationError", "available_passes", "capture", "compile_backend",
     "compose", "convert", "distill", "export", "from_recipe", "fusions", "history", "load", "make_permanent",
-    "optimize", "prune", "quantize", "save", "sparsify", "summary", "to_recipe",
+    "optimize", "parallel", "prune", "quantize", "save", "sparsify", "summary", "to_recipe",
 ]

@@ -14,6 +14,7 @@ BENCH = Path(__file__).parent.parent / "benchmarks"
     ("bench_optimize.py", ["--models", "resnet", "--iters", "1", "--no-progress"], "fold_batch_norm=9"),
     ("bench_export.py", ["--models", "resnet", "--iters", "1", "--no-progress"], "int8 vs fp32 in ort"),
     ("bench_prune.py", ["--small", "--iters", "1", "--no-progress"], "pruned"),
+    ("bench_parallel.py", ["--small", "--no-progress"], "topk:0.01"),
 ])
 def test_benchmark_prints_its_table(script, args, row):
     res = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)

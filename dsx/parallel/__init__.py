@@ -1,1 +1,17 @@
-"""Distributed dsx: compressed-gradient DDP hooks, sharding-aware transforms, distributed calibration, checkpoints."""
+"""Distributed dsx on torch.distributed: compressed-gradient DDP hooks, tensor parallelism for quantized linears,
+FSDP2 / DDP support for QAT and masked models, distributed calibration and resumable DCP checkpoints."""
+
+from dsx.parallel.calibration import all_reduce_scalar, distributed_active, sync_observers
+from dsx.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsx.parallel.comm import SPECS, CommStats, compress_gradients
+from dsx.parallel.sharding import check_qat_scales, full_state_dict, prepare_for_ddp, shard
+from dsx.parallel.tensor_parallel import (
+    STYLES, ColwiseQuantLinear, RowwiseQuantLinear, ShardedQuantLinear, default_plan, tensor_parallel,
+)
+
+__all__ = [
+    "SPECS", "STYLES", "ColwiseQuantLinear", "CommStats", "RowwiseQuantLinear", "ShardedQuantLinear",
+    "all_reduce_scalar", "check_qat_scales", "compress_gradients", "default_plan", "distributed_active",
+    "full_state_dict", "latest_checkpoint", "load_checkpoint", "prepare_for_ddp", "save_checkpoint", "shard",
+    "sync_observers", "tensor_parallel",
+]

@@ -1,0 +1,233 @@
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dsx.parallel.comm import (
+    CommStats, compress_gradients, dequantize_int8, parse_spec, quantize_int8, topk_compress, topk_decompress,
+)
+from tests.parallel.dist_utils import run_distributed
+
+EPOCHS, LR, BATCH, SEED = 40, 0.05, 32, 0
+METHODS = {"none": (None, None), "fp16": ("fp16", None), "int8": ("int8", None), "int8+ef": ("int8", True),
+           "topk": ("topk:0.01", None), "powersgd": ("powersgd:rank=4", None)}
+
+
+def _digits(rank: int, world: int) -> tuple[torch.Tensor, ...]:
+    """This rank's half of a fixed 75/25 split of scikit-learn digits, and the whole test set."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x / 16.0, y, test_size=0.25, random_state=0, stratify=y)
+    n = len(x_train) // world * world  # every rank takes the same number of steps
+    f, i = (lambda a: torch.tensor(a, dtype=torch.float32)), (lambda a: torch.tensor(a, dtype=torch.long))
+    return f(x_train[rank:n:world]), i(y_train[rank:n:world]), f(x_test), i(y_test)
+
+
+def _train(rank: int, world: int, spec: str | None, error_feedback: bool | None) -> dict:
+    """DDP-train a 64-128-10 MLP with linearly decaying SGD; small buckets so DDP's bucket rebuild is exercised."""
+    torch.manual_seed(SEED)
+    x, y, x_test, y_test = _digits(rank, world)
+    model = DDP(nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)), bucket_cap_mb=0.02)
+    stats = compress_gradients(model, spec, error_feedback=error_feedback) if spec else None
+    steps = EPOCHS * math.ceil(len(x) / BATCH)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
+    order = torch.Generator().manual_seed(SEED + 1)
+    for _ in range(EPOCHS):
+        perm = torch.randperm(len(x), generator=order)
+        for batch in perm.split(BATCH):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            opt.step()
+            schedule.step()
+    with torch.no_grad():
+        accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+    params = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()  # lists: see _one_step
+    return {"accuracy": accuracy, "params": params, "stats": stats, "steps": steps}
+
+
+def _train_all(rank: int, world: int) -> dict[str, dict]:
+    return {name: _train(rank, world, *method) for name, method in METHODS.items()}
+
+
+@pytest.fixture(scope="module")
+def trained() -> list[dict[str, dict]]:
+    return run_distributed(_train_all, timeout=240)
+
+
+@pytest.mark.parametrize("method, min_ratio", [("int8", 3.9), ("int8+ef", 3.9), ("topk", 20)])
+def test_compressed_ddp_matches_uncompressed_accuracy_with_less_traffic(trained, method, min_ratio):
+    base, run = trained[0]["none"], trained[0][method]
+    assert base["accuracy"] > 0.96
+    assert run["accuracy"] >= base["accuracy"] - 0.01, (method, run["accuracy"], base["accuracy"])
+    for rank in trained:
+        stats: CommStats = rank[method]["stats"]
+        assert stats.ratio >= min_ratio, str(stats)
+        assert stats.bytes_sent > 0 and stats.steps == run["steps"]
+
+
+@pytest.mark.parametrize("method, ratio", [("fp16", 2.0), ("powersgd", 3.0)])
+def test_fp16_and_powersgd_converge(trained, method, ratio):
+    run = trained[0][method]
+    assert run["accuracy"] >= trained[0]["none"]["accuracy"] - 0.015
+    assert run["stats"].ratio >= ratio and run["stats"].steps == run["steps"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_rank_ends_with_identical_parameters(trained, method):
+    assert trained[0][method]["params"] == trained[1][method]["params"]
+
+
+def _one_step(rank: int, world: int) -> dict[str, tuple[list[float], list[float], CommStats]]:
+    """Per spec: (averaged gradient from the hook, exact mean of the ranks' gradients, stats) after one step.
+
+    Gradients come back as lists: a returned tensor is passed by file descriptor, which can fail once its rank exits.
+    """
+    out = {}
+    for spec in ("int8", "int8:chunk=7", "topk:1", "topk:0.1"):
+        torch.manual_seed(0)
+        model = DDP(nn.Linear(33, 5))  # 170 parameters: not a multiple of the world size nor of the chunk
+        stats = compress_gradients(model, spec)
+        torch.manual_seed(rank + 1)
+        model(torch.randn(8, 33)).square().sum().backward()
+        hooked = torch.cat([p.grad.flatten() for p in model.parameters()])
+        model.module.zero_grad()
+        torch.manual_seed(rank + 1)
+        model.module(torch.randn(8, 33)).square().sum().backward()
+        exact = torch.cat([p.grad.flatten() for p in model.module.parameters()])
+        dist.all_reduce(exact)
+        out[spec] = (hooked.tolist(), (exact / world).tolist(), stats)
+    return out
+
+
+def _many_buckets(rank: int, world: int) -> dict[str, tuple[list[float], CommStats]]:
+    """Per spec: parameters after 30 steps of a 6-layer MLP split into about 12 buckets, each rank on its own data.
+
+    Hooks that start a collective from a future callback (torch's PowerSGD does) hang here on gloo unless waited for.
+    """
+    out = {}
+    for spec, error_feedback in (("fp16", None), ("bf16", None), ("int8:chunk=64", True), ("topk:0.05", None),
+                                 ("powersgd:rank=2,start_iter=2", None)):
+        torch.manual_seed(0)
+        model = DDP(nn.Sequential(*(nn.Linear(32, 32) for _ in range(6))), bucket_cap_mb=0.004)
+        stats = compress_gradients(model, spec, error_feedback=error_feedback)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        torch.manual_seed(rank + 1)
+        for _ in range(30):
+            opt.zero_grad()
+            model(torch.randn(16, 32)).square().mean().backward()
+            opt.step()
+        out[spec] = (torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(), stats)
+    return out
+
+
+def _three_ranks(rank: int, world: int) -> tuple[dict, dict]:
+    return _one_step(rank, world), _many_buckets(rank, world)
+
+
+def test_hooks_average_gradients_on_three_ranks_and_keep_them_in_sync_over_many_buckets():
+    results = run_distributed(_three_ranks, world=3)
+    one_step = [r[0] for r in results]
+    for spec in one_step[0]:
+        hooked, exact, stats = one_step[0][spec]
+        assert all(hooked == r[spec][0] for r in one_step[1:]), spec
+        hooked, exact = torch.tensor(hooked), torch.tensor(exact)
+        assert stats.steps == 1 and stats.world_size == 3
+        if spec.startswith("int8"):
+            assert torch.allclose(hooked, exact, atol=2 * exact.abs().max().item() / 127), spec
+        elif spec == "topk:1":
+            assert torch.allclose(hooked, exact, atol=1e-5)
+            assert stats.ratio == pytest.approx((2 * 2 * 4 * 170 // 3) / (2 * 8 * 170))  # all-gather of N-1 ranks
+        else:  # each rank sends its 17 largest of 170: the result has at most 51 non-zeros
+            assert 17 <= int((hooked != 0).sum()) <= 51
+    many = [r[1] for r in results]
+    for spec, (params, stats) in many[0].items():
+        assert all(params == r[spec][0] for r in many[1:]), spec
+        assert stats.steps == 30 and stats.bytes_sent < stats.bytes_uncompressed, spec
+
+
+def _single_process(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    model = DDP(nn.Linear(4, 3))
+    stats = compress_gradients(model, "topk:0.01")
+    model(torch.ones(2, 4)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.module.zero_grad()
+    model.module(torch.ones(2, 4)).sum().backward()
+    unchanged = all(torch.equal(g, p.grad) for g, p in zip(grads, model.module.parameters()))
+    dist.destroy_process_group()
+    with pytest.raises(RuntimeError, match="initialized process group") as e:
+        compress_gradients(DDP.__new__(DDP), "int8")
+    return {"stats": stats, "unchanged": unchanged, "error": str(e.value)}
+
+
+def test_world_size_one_passes_buckets_through_and_no_group_is_a_clear_error():
+    result = run_distributed(_single_process, world=1)[0]
+    assert result["unchanged"]
+    assert (result["stats"].bytes_sent, result["stats"].bytes_uncompressed, result["stats"].steps) == (0, 0, 1)
+    assert result["stats"].ratio == 1.0
+    assert "init_process_group" in result["error"]
+
+
+def test_int8_roundtrip_is_within_half_a_step_per_chunk():
+    x = torch.randn(3, 2500) * torch.logspace(-3, 1, 2500)
+    x[1, :512] = 0
+    q, scales = quantize_int8(x, 512)
+    assert q.dtype == torch.int8 and q.shape == x.shape and scales.shape == (3, 5)
+    assert q.abs().max() == 127 and torch.equal(scales[1, 0], torch.tensor(0.0))
+    step = scales.repeat_interleave(512, -1)[:, :2500]
+    assert ((dequantize_int8(q, scales, 512) - x).abs() <= step / 2 + 1e-7).all()
+    assert torch.equal(dequantize_int8(q, scales, 512)[1, :512], torch.zeros(512))
+    flat_q, flat_scales = quantize_int8(x[0], 1024)
+    assert flat_scales.shape == (3,) and torch.equal(flat_scales[2], x[0, 2048:].abs().max() / 127)
+
+
+def test_topk_keeps_the_largest_magnitudes_and_decompress_sums_ranks():
+    x = torch.tensor([0.1, -5.0, 0.3, 2.0, -0.2, 0.0, 4.0, 0.05, -1.0, 0.4])
+    values, indices = topk_compress(x, 0.3)
+    assert indices.dtype == torch.int32 and sorted(indices.tolist()) == [1, 3, 6]
+    assert torch.equal(values, x[indices.long()])
+    dense = topk_decompress(values, indices, 10)
+    assert torch.equal(dense, torch.where(x.abs() >= 2, x, torch.zeros(())))
+    two = topk_decompress(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[0, 2], [2, 5]]), 6)
+    assert two.tolist() == [1.0, 0.0, 5.0, 0.0, 0.0, 4.0]
+    assert topk_compress(x, 1e-6)[0].numel() == 1 and topk_compress(x, 1.0)[0].numel() == 10
+
+
+def test_specs_parse_with_defaults_and_options():
+    assert parse_spec("int8") == ("int8", {"chunk": 1024})
+    assert parse_spec("int8:chunk=512") == ("int8", {"chunk": 512})
+    assert parse_spec("topk:0.01") == ("topk", {"fraction": 0.01})
+    assert parse_spec("powersgd:rank=2, start_iter=5") == ("powersgd", {"rank": 2, "start_iter": 5})
+    assert parse_spec("fp16") == ("fp16", {})
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("int4", r"unknown gradient compression spec 'int4'; valid specs: fp16, bf16, int8.*topk.*powersgd"),
+    ("topk:0", r"topk fraction must be in \(0, 1\], got 0.0"),
+    ("topk:1.5", r"topk fraction must be in \(0, 1\], got 1.5"),
+    ("topk:-0.1", r"topk fraction must be in \(0, 1\]"),
+    ("topk:lots", r"topk fraction must be a number, got 'lots'"),
+    ("int8:chunk=0", r"int8 chunk must be >= 1, got 0"),
+    ("int8:chunk=1.5", r"int8 chunk must be an integer, got '1.5'"),
+    ("int8:bits=4", r"unknown option 'bits=4'.*options of 'int8': chunk"),
+    ("fp16:2", r"unknown option '2'.*options of 'fp16': none"),
+    ("powersgd:start_iter=1", r"powersgd start_iter must be >= 2"),
+])
+def test_bad_specs_are_clear_value_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        compress_gradients(nn.Linear(2, 2), spec)
+
+
+def test_bad_model_and_options_are_clear_errors():
+    with pytest.raises(TypeError, match="expects a torch.nn.parallel.DistributedDataParallel model, got Linear"):
+        compress_gradients(nn.Linear(2, 2), "int8")
+    with pytest.raises(ValueError, match="error_feedback is not supported for 'fp16'"):
+        compress_gradients(nn.Linear(2, 2), "fp16", error_feedback=True)
+    with pytest.raises(TypeError, match="spec must be a string"):
+        compress_gradients(nn.Linear(2, 2), 8)
