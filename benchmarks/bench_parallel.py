@@ -9,7 +9,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import socket
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dsx.core.table import text_table
+from dsx.core.timing import cpu_name
 from dsx.parallel.comm import compress_gradients
 
 # name -> (spec, error_feedback); None: DDP's own fp32 all-reduce, no hook.
@@ -109,12 +109,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
-             if ln.startswith("model name")] if info.exists() else []
-    return names[0] if names else platform.machine()
 
 
 def main() -> None:

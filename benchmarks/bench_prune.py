@@ -7,8 +7,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -18,15 +16,9 @@ from tqdm.auto import tqdm
 
 import dsx
 from dsx.core.table import text_table
-from dsx.core.timing import compare_ms
+from dsx.core.timing import compare_ms, cpu_name
 from dsx.models import TinyResNet, randomize_batchnorm
 
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
-             if ln.startswith("model name")] if info.exists() else []
-    return names[0] if names else platform.machine()
 
 
 def macs(model: nn.Module, x: torch.Tensor) -> float:

@@ -9,7 +9,6 @@ import copy
 import datetime
 import logging
 import os
-import platform
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 
 import dsx
 from dsx.core.table import text_table
-from dsx.core.timing import compare_ms, measure_ms
+from dsx.core.timing import compare_ms, cpu_name, measure_ms
 from dsx.export import export
 
 Run = Callable[[], Any]
@@ -192,12 +191,6 @@ def package_version(name: str) -> str:
     except PackageNotFoundError:
         return "not installed"
 
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
-             if ln.startswith("model name")] if info.exists() else []
-    return names[0] if names else platform.machine()
 
 
 def main() -> None:

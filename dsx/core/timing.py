@@ -6,8 +6,10 @@ interleaves the candidates run by run so machine drift hits them all alike.
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -46,3 +48,11 @@ def compare_ms(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 3, iters: 
                 sync()
                 samples[name].append((time.perf_counter() - t0) * 1e3)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def cpu_name() -> str:
+    """The CPU model for benchmark headers (``/proc/cpuinfo``'s model name, else the machine type)."""
+    info = Path("/proc/cpuinfo")
+    names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
+             if ln.startswith("model name")] if info.exists() else []
+    return names[0] if names else platform.machine()
