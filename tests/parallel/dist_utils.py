@@ -29,12 +29,16 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         # Pickled here: a queued tensor would share memory with a process that may exit before it is read.
-        queue.put((rank, True, pickle.dumps(fn(rank, world, *args))))
+        result = (rank, True, pickle.dumps(fn(rank, world, *args)))
     except BaseException:
-        queue.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        result = (rank, False, traceback.format_exc())
+    queue.put(result)
+    # Flush the result into the pipe before teardown: torch's gloo teardown can abort the process, and a message
+    # cut short would leave the parent blocked in the middle of reading it.
+    queue.close()
+    queue.join_thread()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_distributed(fn: Callable[..., Any], *args: Any, world: int = 2, timeout: float = 180) -> list[Any]:
