@@ -197,11 +197,17 @@ def _epilogue_(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
     """``acc * a_scale * b_scale + bias`` written over the int32 ``acc``'s memory, returned as fp32.
 
     The in-place int32 -> fp32 copy then fp32-only ops run ~10x faster on the CPU than a mixed int32 x fp32 multiply,
-    and no new output is allocated (page faults on fresh buffers cost as much as the arithmetic).
+    and no new output is allocated (page faults on fresh buffers cost as much as the arithmetic). Chunks of rows keep
+    the four passes in cache: one trip through memory instead of four.
     """
     y = acc.view(torch.float32)
-    y.copy_(acc).mul_(a_scale).mul_(b_scale)
-    return y if bias is None else y.add_(bias)
+    step = chunk_rows(acc.shape[1])
+    for s in range(0, acc.shape[0], step):
+        chunk = y[s:s + step]
+        chunk.copy_(acc[s:s + step]).mul_(a_scale[s:s + step]).mul_(b_scale)
+        if bias is not None:
+            chunk.add_(bias)
+    return y
 
 
 def _scaled_mm_aten(
