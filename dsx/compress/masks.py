@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.utils import parametrize
 
 from dsx.core.inputs import Inputs
@@ -18,13 +19,19 @@ from dsx.core.transform import Transform
 
 
 class WeightMask(nn.Module):
-    """Parametrization multiplying a tensor by a fixed bool ``mask`` (a buffer, so it is saved and loaded)."""
+    """Parametrization multiplying a tensor by a fixed bool ``mask`` (a buffer, so it is saved and loaded).
+
+    A DTensor weight (FSDP2 holds sharded originals between forwards) is masked by the whole mask sliced to the
+    weight's placements on each rank, without communication.
+    """
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", mask.to(torch.bool))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if isinstance(weight, DTensor) and not isinstance(self.mask, DTensor):
+            return weight * distribute_tensor(self.mask, weight.device_mesh, weight.placements, src_data_rank=None)
         return weight * self.mask
 
 

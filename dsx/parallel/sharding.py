@@ -14,21 +14,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from dsx.compress.masks import WeightMask
 from dsx.quant.qat import QATLinear
-
-
-class ShardedWeightMask(WeightMask):
-    """``WeightMask`` that also masks a DTensor weight (FSDP2 holds sharded originals between forwards): the whole
-    mask is sliced to the weight's placements on each rank, without communication."""
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if isinstance(weight, DTensor) and not isinstance(self.mask, DTensor):
-            return weight * distribute_tensor(self.mask, weight.device_mesh, weight.placements, src_data_rank=None)
-        return weight * self.mask
 
 
 def check_qat_scales(model: nn.Module) -> None:
@@ -94,8 +83,8 @@ def shard(model: nn.Module, mesh: DeviceMesh, *, units: Sequence[str] = (), **fu
 
     ``units`` names the submodules (or ``"re:<regex>"`` patterns, e.g. ``"re:layers\\.\\d+"``) sharded as their own
     FSDP unit, gathered only around their forward and backward; the root is always one. Before sharding, every
-    parameter and buffer is broadcast from the mesh's rank 0 (FSDP2 itself assumes equal ranks), dsx masks become
-    ``ShardedWeightMask`` so ``module.weight`` also reads between forwards (a sharded DTensor, masked), and scalar
+    parameter and buffer is broadcast from the mesh's rank 0 (FSDP2 itself assumes equal ranks; ``module.weight`` of
+    a masked layer still reads between forwards, as a masked sharded DTensor), and scalar
     parameters (QAT static activation scales, which ``fully_shard`` refuses) stay replicated with gradients averaged.
     Masks stay whole on each rank (bool, a quarter of an fp32 weight). dsx transforms (``convert``,
     ``make_permanent``, export) take the unsharded model: load ``full_state_dict(model)`` into an unsharded copy.
@@ -105,9 +94,6 @@ def shard(model: nn.Module, mesh: DeviceMesh, *, units: Sequence[str] = (), **fu
     check_qat_scales(model)
     names = _units(model, units)
     _broadcast_states(model, mesh)
-    for module in model.modules():
-        if isinstance(module, WeightMask) and not isinstance(module, ShardedWeightMask):
-            module.__class__ = ShardedWeightMask
     scalars = {p for p in model.parameters() if p.dim() == 0}
     ignored = set(fully_shard_kwargs.pop("ignored_params", None) or ()) | scalars
     for name in names:
