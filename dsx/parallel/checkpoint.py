@@ -23,18 +23,15 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 
 from dsx.core.transform import history
+from dsx.parallel.calibration import distributed_active
 
 META = "dsx_checkpoint.json"
 FORMAT, VERSION = "dsx-checkpoint", 1
 STEP_DIR = re.compile(r"step_(\d+)")
 
 
-def _distributed(group: Any) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
 def _rank(group: Any) -> int:
-    return dist.get_rank(group) if _distributed(group) else 0
+    return dist.get_rank(group) if distributed_active(None, group) else 0
 
 
 def _on_rank0(fn: Callable[[], Any], group: Any) -> Any:
@@ -45,7 +42,7 @@ def _on_rank0(fn: Callable[[], Any], group: Any) -> Any:
             result[0] = (True, fn())
         except Exception as e:  # re-raised on every rank below
             result[0] = (False, e)
-    if _distributed(group):
+    if distributed_active(None, group):
         dist.broadcast_object_list(result, group=group, group_src=0)
     ok, value = result[0]
     if not ok:
@@ -56,7 +53,7 @@ def _on_rank0(fn: Callable[[], Any], group: Any) -> Any:
 def _everywhere(error: str | None, group: Any) -> None:
     """Raise ``ValueError`` on every rank when any rank found an error (all ranks call this)."""
     errors = [error]
-    if _distributed(group):
+    if distributed_active(None, group):
         errors = [None] * dist.get_world_size(group)
         dist.all_gather_object(errors, error, group=group)
     for rank, message in enumerate(errors):
@@ -68,7 +65,7 @@ def _dcp(fn: Callable[..., Any], state: dict[str, Any], ckpt: Path, group: Any) 
     """``dcp.save`` / ``dcp.load`` across the group's ranks, or in this process alone (without DCP's warning)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        fn(state, checkpoint_id=ckpt, process_group=group, no_dist=not _distributed(group))
+        fn(state, checkpoint_id=ckpt, process_group=group, no_dist=not distributed_active(None, group))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
