@@ -12,7 +12,7 @@ from torch.library import triton_op, wrap_triton
 
 from dsx.kernels._triton import prune_for_interpreter, use_triton
 from dsx.kernels.quantize_per_token import (
-    AMAX_MIN, check_quantize_input, chunk_rows, launch_rowwise, row_amax, scale_shape,
+    AMAX_MIN, ROW_CONFIGS, check_quantize_input, chunk_rows, launch_rowwise, row_absmax, row_amax, scale_shape,
 )
 
 FP8_MAX = 448.0
@@ -20,21 +20,13 @@ FP8_MIN_CAPABILITY = (8, 9)
 """CUDA compute capability from which Triton converts to ``tl.float8e4nv`` (Ada, Hopper)."""
 
 
-@triton.autotune(
-    configs=[triton.Config({}, num_warps=w) for w in (4, 1, 2, 8, 16)],
-    key=["BLOCK"],
-    prune_configs_by={"early_config_prune": prune_for_interpreter},
-)
+@triton.autotune(configs=ROW_CONFIGS, key=["BLOCK"], prune_configs_by={"early_config_prune": prune_for_interpreter})
 @triton.jit
 def _quantize_fp8_rowwise_fwd(X, Q, S, stride_xm, stride_xn, N, amax_min, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_xm
     cols = tl.arange(0, BLOCK)
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, N, BLOCK):
-        c = start + cols
-        amax = tl.maximum(amax, tl.abs(tl.load(x_row + c * stride_xn, mask=c < N, other=0.0).to(tl.float32)))
-    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), amax_min), 448.0)
+    scale = tl.math.div_rn(row_absmax(x_row, stride_xn, N, amax_min, BLOCK), 448.0)
     tl.store(S + row, scale)
     for start in range(0, N, BLOCK):
         c = start + cols

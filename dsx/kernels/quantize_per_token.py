@@ -29,21 +29,28 @@ def round_half_even(y):
     return (y + 12582912.0) - 12582912.0
 
 
-@triton.autotune(
-    configs=[triton.Config({}, num_warps=w) for w in (4, 1, 2, 8, 16)],
-    key=["BLOCK"],
-    prune_configs_by={"early_config_prune": prune_for_interpreter},
-)
+ROW_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 1, 2, 8, 16)]
+"""Autotune configs of the one-program-per-row quantize kernels (here and in ``quantize_fp8``), keyed by BLOCK."""
+
+
 @triton.jit
-def _quantize_per_token_fwd(X, Q, S, stride_xm, stride_xn, N, amax_min, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = X + row * stride_xm
+def row_absmax(x_row, stride_xn, N, amax_min, BLOCK: tl.constexpr):
+    """``max(max |x_row[:N]|, amax_min)`` in fp32, reading the row in BLOCK-wide steps."""
     cols = tl.arange(0, BLOCK)
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, N, BLOCK):
         c = start + cols
         amax = tl.maximum(amax, tl.abs(tl.load(x_row + c * stride_xn, mask=c < N, other=0.0).to(tl.float32)))
-    amax = tl.maximum(tl.max(amax, axis=0), amax_min)
+    return tl.maximum(tl.max(amax, axis=0), amax_min)
+
+
+@triton.autotune(configs=ROW_CONFIGS, key=["BLOCK"], prune_configs_by={"early_config_prune": prune_for_interpreter})
+@triton.jit
+def _quantize_per_token_fwd(X, Q, S, stride_xm, stride_xn, N, amax_min, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_xm
+    cols = tl.arange(0, BLOCK)
+    amax = row_absmax(x_row, stride_xn, N, amax_min, BLOCK)
     tl.store(S + row, tl.math.div_rn(amax, 127.0))
     inv = tl.math.div_rn(1.0, amax) * 127.0  # how torch evaluates ``127 / amax``: reciprocal, then multiply
     for start in range(0, N, BLOCK):
