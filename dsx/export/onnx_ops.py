@@ -114,11 +114,15 @@ def translation_table(opset: int = DEFAULT_OPSET) -> dict[Any, Callable]:
             s = op.Add(s, cast(mask, mask.dtype, ct))
         return cast(op.Softmax(s, axis=-1), ct, x.dtype)
 
+    def row_absmax(h: Any) -> Any:
+        """``max(|h|, 1e-12)`` over the last dim of the fp32 ``h``, kept as a dim of 1."""
+        amax = op.ReduceMax(op.Abs(h), op.Constant(value_ints=[-1]), keepdims=1)
+        return op.Max(amax, const(1e-12, ir.DataType.FLOAT))
+
     def quantize_per_token(x):
         """Symmetric per-row int8, as ``dsx.kernels.quantize_per_token``: ``round(x * (1 / amax) * 127)``."""
         h = cast(x, x.dtype, ir.DataType.FLOAT)
-        amax = op.Max(op.ReduceMax(op.Abs(h), op.Constant(value_ints=[-1]), keepdims=1),
-                      const(1e-12, ir.DataType.FLOAT))
+        amax = row_absmax(h)
         q = op.Round(op.Mul(h, op.Mul(op.Reciprocal(amax), const(127.0, ir.DataType.FLOAT))))
         return op.Cast(q, to=ir.DataType.INT8), op.Div(amax, const(127.0, ir.DataType.FLOAT))
 
@@ -149,8 +153,7 @@ def translation_table(opset: int = DEFAULT_OPSET) -> dict[Any, Callable]:
         if len(x.shape) != 2:
             raise ValueError(f"quantize_fp8_rowwise: ONNX export takes 2-D rows, got rank {len(x.shape)}")
         h = cast(x, x.dtype, ir.DataType.FLOAT)
-        amax = op.Max(op.ReduceMax(op.Abs(h), op.Constant(value_ints=[-1]), keepdims=1),
-                      const(1e-12, ir.DataType.FLOAT))
+        amax = row_absmax(h)
         scale = op.Div(amax, const(448.0, ir.DataType.FLOAT))
         flat = op.Reshape(scale, op.Constant(value_ints=[-1]))
         zero = op.Cast(op.Mul(flat, const(0.0, ir.DataType.FLOAT)), to=ir.DataType.FLOAT8E4M3FN)  # one per row

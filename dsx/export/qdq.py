@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from dsx.export.fp8 import FP8QDQLinear
 from dsx.quant.linear import FP8Linear, Int8StaticLinear
+from dsx.quant.quantize import set_module
 
 
 def _ops() -> Any:
@@ -54,10 +55,6 @@ def qdq_form(model: nn.Module) -> tuple[nn.Module, int]:
         return model, 0
     model = copy.deepcopy(model)
     for name in names:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        if not child:
-            return EXPORT_FORMS[type(model)](model), 1
-        module = owner.get_submodule(child)
-        setattr(owner, child, EXPORT_FORMS[type(module)](module))
+        module = model.get_submodule(name)
+        model = set_module(model, name, EXPORT_FORMS[type(module)](module))
     return model, len(names)

@@ -39,11 +39,12 @@ def prepare(model: nn.Module, inputs: Inputs, dynamic_shapes: Any) -> tuple[nn.M
     weights, so the file holds dense weights with zeros), the resolved ``dynamic_shapes`` (``"batch"`` makes dim 0
     of every input dynamic) and the notes so far."""
     notes = []
-    if model.training:
+    copied = model.training
+    if copied:
         model = copy.deepcopy(model).eval()
         notes.append("exported in eval mode")
     if masked_modules(model):
-        model = make_permanent(model)
+        model = make_permanent(model, inplace=copied)  # one private copy at most
         notes.append("pruning masks folded into the weights")
     if dynamic_shapes == "batch":
         dynamic_shapes = batch_dynamic_shapes(model, inputs)
