@@ -6,6 +6,7 @@ scales sharded consistently (DTensor buffers) and run the dsx kernels on their l
 
 from __future__ import annotations
 
+import abc
 import copy
 import re
 from functools import partial
@@ -136,7 +137,7 @@ class _StraightThrough(torch.autograd.Function):
         return ctx.module.input_grad(grad), None
 
 
-class ShardedQuantLinear(nn.Module):
+class ShardedQuantLinear(nn.Module, abc.ABC):
     """A dsx quantized linear split over a 1-D mesh. Its buffers keep the original names and global shapes as
     DTensors (``state_dict`` and ``full_tensor()`` give back the unsharded layer); the forward runs the dsx kernels on
     a ``QuantLinear`` of the same class that views each rank's local shards."""
@@ -170,11 +171,13 @@ class ShardedQuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.format}, {self.style} over {self.mesh.size()} ranks")
 
+    @abc.abstractmethod
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The layer's output for ``x`` with its quantized arithmetic (no autograd wrapping)."""
 
+    @abc.abstractmethod
     def input_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The straight-through gradient with respect to the input, given the output's gradient."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:

@@ -5,6 +5,7 @@ They hold only buffers (state_dict, safetensors and ``dsx.load`` friendly) and r
 
 from __future__ import annotations
 
+import abc
 from typing import Any, ClassVar
 
 import torch
@@ -51,7 +52,7 @@ def quantize_weight_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(nn.Module, abc.ABC):
     """Base: ``weight`` ([out, in], int8 or e4m3), ``weight_scale`` ([out] fp32), ``bias`` (float or None)."""
 
     format: ClassVar[str] = ""
@@ -88,8 +89,9 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.format} ({self.description})")
 
+    @abc.abstractmethod
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The layer's output for ``x`` with its quantized arithmetic (no autograd wrapping)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
