@@ -103,7 +103,6 @@ def test_recipe_round_trip_and_order(resnet, x):
 
 
 def test_structured_delegates_and_replays(resnet, x, tmp_path):
-    pytest.importorskip("dsx.compress.structured")
     out = prune(resnet, 0.5, structured=True, example_inputs=x)
     entry = dsx.history(out)[-1]
     assert entry["config"]["plan"] is not None and "plan" not in entry["info"]

@@ -18,7 +18,7 @@ CONFIGS = [("nf4", {}), ("nf4", {"double_quant": True}), ("llm_int8", {})]
 
 @pytest.fixture
 def bnb():
-    return pytest.importorskip("bitsandbytes")
+    return pytest.importorskip("bitsandbytes", reason='the bnb extra is not installed (pip install -e ".[bnb]")')
 
 
 def _linear(seed: int = 0, bias: bool = True) -> nn.Linear:
