@@ -207,22 +207,6 @@ def test_pruned_and_sparse_models_export_their_weights(tmp_path, how):
     assert got.shape == (3, 32)
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "fp8_weight_only"])
-def test_fp8_exports_as_float8_and_needs_opset_19(tmp_path, fmt):
-    if fmt == "fp8" and (reason := fp8_supported(torch.device("cpu"))):
-        pytest.skip(reason)
-    q = dsx.quantize(mlp(), fmt, progress=False)
-    res = export_onnx(q, torch.randn(3, 16), tmp_path / "q.onnx", dynamic_shapes="batch")
-    if fmt == "fp8":
-        assert ("", "QuantizeLinear") in onnx_ops(res.path)
-    x = torch.randn(5, 16)
-    (got,) = run_onnx(res.path, {"input": x})
-    with torch.no_grad():
-        assert torch.nn.functional.cosine_similarity(got.flatten(), q(x).flatten(), dim=0) > 0.999
-    with pytest.raises(ValueError, match="opset: float8 layers need ONNX opset >= 19, got 18"):
-        export_onnx(q, torch.randn(3, 16), tmp_path / "q18.onnx", opset=18)
-
-
 def test_qat_models_are_refused_until_converted(tmp_path):
     q = dsx.quantize(mlp().train(), "int8", qat=True)
     with pytest.raises(ValueError, match=r"model: '0' \(QATLinear\) cannot be exported to ONNX"):
