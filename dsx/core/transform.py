@@ -29,8 +29,32 @@ class VerificationError(RuntimeError):
     """A transformed model's outputs differ from the original's by more than the transform's tolerance."""
 
 
+METRICS = {"max_rel": "max_rel", "cosine": "cosine_error"}
+"""Output-error metrics by name, and the key of ``compare_outputs``' result that holds each."""
+
+
+def _min_row_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The smallest cosine similarity between matching rows (last dim) of two finite float64 tensors."""
+    rows_a = a.reshape(-1, a.shape[-1]) if a.dim() >= 2 else a.reshape(1, -1)
+    rows_b = b.reshape(rows_a.shape)
+    keep = rows_a.isfinite().all(dim=1) & rows_b.isfinite().all(dim=1)
+    rows_a, rows_b = rows_a[keep], rows_b[keep]
+    if rows_a.numel() == 0:
+        return 1.0
+    na, nb = rows_a.norm(dim=1), rows_b.norm(dim=1)
+    cos = (rows_a * rows_b).sum(dim=1) / (na * nb).clamp_min(1e-300)
+    cos = torch.where((na == 0) & (nb == 0), torch.ones_like(cos), cos)
+    return float(cos.min())
+
+
 def compare_outputs(reference: Any, candidate: Any) -> dict[str, float]:
-    """Largest absolute and relative (to the reference's max magnitude) error over all tensor outputs."""
+    """Largest absolute and relative (to the reference's max magnitude) error over all tensor outputs, and the
+    cosine error (1 - the smallest cosine similarity between an output row and the reference's).
+
+    Raises:
+        VerificationError: the outputs differ in structure, shape or where they are non-finite, or no tensor
+            element could be compared at all (every output empty or non-finite).
+    """
     ref_leaves, ref_spec = pytree.tree_flatten(reference)
     new_leaves, new_spec = pytree.tree_flatten(candidate)
     if len(ref_leaves) != len(new_leaves):
@@ -38,7 +62,8 @@ def compare_outputs(reference: Any, candidate: Any) -> dict[str, float]:
             f"output structure changed: {len(ref_leaves)} outputs before, {len(new_leaves)} after "
             f"({ref_spec} vs {new_spec})"
         )
-    worst = {"max_abs": 0.0, "max_rel": 0.0}
+    worst = {"max_abs": 0.0, "max_rel": 0.0, "cosine_error": 0.0}
+    tensors = compared = 0
     for i, (a, b) in enumerate(zip(ref_leaves, new_leaves)):
         if not isinstance(a, torch.Tensor):
             # Plain values must match; opaque objects (e.g. a Hugging Face KV cache) are not compared.
@@ -48,16 +73,24 @@ def compare_outputs(reference: Any, candidate: Any) -> dict[str, float]:
         if not isinstance(b, torch.Tensor) or a.shape != b.shape:
             got = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
             raise VerificationError(f"output {i}: expected shape {tuple(a.shape)}, got {got}")
+        tensors += 1
         if a.numel() == 0:
             continue
         a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
         if not (a64.isfinite() == b64.isfinite()).all():
             raise VerificationError(f"output {i}: non-finite values differ between the original and the result")
         fin = a64.isfinite()
-        diff = (a64[fin] - b64[fin]).abs().max().item() if fin.any() else 0.0
-        scale = a64[fin].abs().max().item() if fin.any() else 0.0
+        if not fin.any():
+            continue
+        compared += 1
+        diff = (a64[fin] - b64[fin]).abs().max().item()
+        scale = a64[fin].abs().max().item()
         worst["max_abs"] = max(worst["max_abs"], diff)
         worst["max_rel"] = max(worst["max_rel"], diff / max(scale, 1e-12))
+        if a.is_floating_point() or a.is_complex():
+            worst["cosine_error"] = max(worst["cosine_error"], 1.0 - _min_row_cosine(a64, b64))
+    if tensors and not compared:
+        raise VerificationError("outputs: nothing to compare, every tensor output is empty or entirely non-finite")
     return worst
 
 
@@ -119,6 +152,10 @@ class Transform(abc.ABC):
         """The max relative output error allowed for a model whose outputs are ``dtype``."""
         return self.tolerance.get(dtype, 1e-4)
 
+    def error_metric(self) -> str:
+        """The ``compare_outputs`` key the tolerance bounds (``"max_rel"`` unless a transform measures otherwise)."""
+        return "max_rel"
+
     def reference(self, model: nn.Module, inputs: Inputs) -> Any:
         """The original model's outputs (in eval mode) that the result is verified against (override to adjust
         the call)."""
@@ -166,11 +203,12 @@ class Transform(abc.ABC):
                 out = run_model(result, inputs, name="example_inputs (transformed model)")
             err = compare_outputs(reference, out)
             tol = self.tolerance_for(output_dtype(reference))
-            entry["error"] = {**err, "tolerance": tol if math.isfinite(tol) else None}
-            if err["max_rel"] > tol:
+            key = self.error_metric()
+            entry["error"] = {**err, "tolerance": tol if math.isfinite(tol) else None, "metric": key}
+            if err[key] > tol:
                 raise VerificationError(
-                    f"{self.name}: outputs differ from the original model by max relative error {err['max_rel']:.3g} "
-                    f"(max abs {err['max_abs']:.3g}), over the tolerance {tol:g}"
+                    f"{self.name}: outputs differ from the original model by {key.replace('_', ' ')} {err[key]:.3g} "
+                    f"(max rel {err['max_rel']:.3g}, max abs {err['max_abs']:.3g}), over the tolerance {tol:g}"
                 )
         setattr(result, HISTORY_ATTR, [*past, entry])
         setattr(result, ORIGIN_ATTR, origin)

@@ -1,26 +1,68 @@
-"""Quantization configs: one small frozen dataclass per format, named by the string users pass to ``dsx.quantize``.
+"""The registry of formats: one frozen dataclass per format, named by the string users pass to ``dsx.quantize``.
 
-A config says what a layer becomes; which layers, calibration and the error budget belong to ``dsx.Quantize``.
+Each class says what a layer becomes, the hardware it needs and is fast on, and its default tolerance; which
+layers, calibration and the error budget belong to ``dsx.Quantize``. ``dsx.quantize``, the CLI and ``dsx.optimize``'s
+search read this registry, so adding a format is one class here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from dsx.quant.linear import (FP8Linear, FP8WeightOnlyLinear, Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear,
+                              QuantLinear, fp8_supported, linear_weight)
+
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where it does not exist)."""
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.exists() else []:
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def native_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``device`` computes ``dtype`` (bf16 / fp16) matmuls natively, so casting to it is a speed-up."""
+    if device.type == "cuda":
+        return dtype != torch.bfloat16 or torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        want = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}[dtype]
+        return any(f in cpu_flags() for f in want)
+    return False
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Base of the quantization configs. ``embeddings`` (None, 4 or 8) also quantizes ``nn.Embedding`` tables."""
+    """Base of the formats. ``embeddings`` (None, 4 or 8) also quantizes ``nn.Embedding`` tables; ``dtype``
+    (None, ``"bfloat16"`` or ``"float16"``) runs the layers left float in that dtype (a mixed plan: int8 linears
+    with bf16 attention, say), with inputs cast to it and float outputs cast back.
+
+    Class attributes are the registration: ``format`` (the string name), ``tolerance`` (the max relative output
+    error the format may add by default), ``linear`` (the quantized module class), ``qat`` / ``calibrated`` /
+    ``quantizes_linears``; ``unsupported`` says where it cannot run, ``fast_on`` where ``dsx.optimize`` tries it.
+    """
 
     format: ClassVar[str] = ""
+    tolerance: ClassVar[float] = 0.1
+    linear: ClassVar[type[QuantLinear] | None] = None
     qat: ClassVar[bool] = False
     calibrated: ClassVar[bool] = False
     quantizes_linears: ClassVar[bool] = True
     registry: ClassVar[dict[str, type[QuantConfig]]] = {}
 
     embeddings: int | None = None
+    dtype: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -31,6 +73,35 @@ class QuantConfig:
         if self.embeddings not in (None, 4, 8):
             raise ValueError(f"embeddings: expected None, 4 or 8 (bits of the embedding tables), "
                              f"got {self.embeddings!r}")
+        if self.dtype is not None and self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype: expected None or one of {sorted(COMPUTE_DTYPES)} (the dtype of the layers left "
+                             f"float), got {self.dtype!r}")
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """``dtype`` as a torch dtype (None: the model's own)."""
+        return None if self.dtype is None else COMPUTE_DTYPES[self.dtype]
+
+    def unsupported(self, device: torch.device) -> str | None:
+        """Why this format cannot run on ``device``; None when it can."""
+        return None
+
+    def fast_on(self, device: torch.device) -> bool:
+        """Whether the format has a fast path on ``device`` (``dsx.optimize`` tries only those)."""
+        dtype = self.compute_dtype
+        return dtype is None or native_dtype(device, dtype)
+
+    def rejects(self, module: nn.Module) -> str | None:
+        """Why this format leaves the linear ``module`` float; None when it quantizes it."""
+        if not linear_weight(module)[0].is_floating_point():
+            return "weight is not floating point"
+        return None
+
+    def build(self, module: nn.Module, *, input_amax: float | None = None, smooth: torch.Tensor | None = None,
+              replay: bool = False) -> nn.Module:
+        """The quantized replacement of the linear ``module`` (``input_amax`` / ``smooth``: calibrated formats)."""
+        assert self.linear is not None, f"{type(self).__name__} quantizes no linears"
+        return self.linear.from_float(module)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form: ``{"format": ..., **fields}`` (what ``resolve_config`` reads back)."""
@@ -42,6 +113,7 @@ class Int8Dynamic(QuantConfig):
     """``"int8"``: dynamic per-token int8 activations x per-channel symmetric int8 weights, int32 accumulate."""
 
     format = "int8"
+    linear = Int8Linear
     qat = True
 
 
@@ -50,6 +122,8 @@ class Int8WeightOnly(QuantConfig):
     """``"int8_weight_only"`` (W8A16): per-channel int8 weights dequantized inside the matmul."""
 
     format = "int8_weight_only"
+    tolerance = 0.05
+    linear = Int8WeightOnlyLinear
     qat = True
 
 
@@ -58,6 +132,20 @@ class FP8Dynamic(QuantConfig):
     """``"fp8"``: row-wise dynamic float8 e4m3 activations x per-channel e4m3 weights via ``torch._scaled_mm``."""
 
     format = "fp8"
+    tolerance = 0.15
+    linear = FP8Linear
+
+    def unsupported(self, device: torch.device) -> str | None:
+        return fp8_supported(device)
+
+    def fast_on(self, device: torch.device) -> bool:
+        return device.type == "cuda" and super().fast_on(device)
+
+    def rejects(self, module: nn.Module) -> str | None:
+        w = linear_weight(module)[0]
+        if w.is_cuda and any(d % 16 for d in w.shape):
+            return "fp8 on CUDA needs in and out features divisible by 16"
+        return super().rejects(module)
 
 
 @dataclass(frozen=True)
@@ -65,6 +153,10 @@ class FP8WeightOnly(QuantConfig):
     """``"fp8_weight_only"``: per-channel e4m3 weights, dequantized to the activation dtype for the matmul."""
 
     format = "fp8_weight_only"
+    linear = FP8WeightOnlyLinear
+
+    def fast_on(self, device: torch.device) -> bool:
+        return device.type == "cuda" and super().fast_on(device)
 
 
 @dataclass(frozen=True)
@@ -76,6 +168,8 @@ class Int8Static(QuantConfig):
     """
 
     format = "int8_static"
+    tolerance = 0.15
+    linear = Int8StaticLinear
     qat = True
     calibrated = True
 
@@ -94,16 +188,44 @@ class Int8Static(QuantConfig):
         if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:
             raise ValueError(f"smoothquant: expected alpha in [0, 1] or None, got {self.smoothquant!r}")
 
+    def build(self, module: nn.Module, *, input_amax: float | None = None, smooth: torch.Tensor | None = None,
+              replay: bool = False) -> nn.Module:
+        if replay:  # the calibrated scales come from the saved weights
+            k = linear_weight(module)[0].shape[1]
+            return Int8StaticLinear.from_float(module, smooth=torch.ones(k) if self.smoothquant is not None else None)
+        assert input_amax is not None, "int8_static needs the calibrated input range"
+        return Int8StaticLinear.from_float(module, input_amax=input_amax, smooth=smooth)
+
 
 @dataclass(frozen=True)
-class NF4(QuantConfig):
+class _Bitsandbytes(QuantConfig):
+    """Base of the bitsandbytes formats: ``nn.Linear`` only, swapped for bitsandbytes' own module (fast on CUDA)."""
+
+    def fast_on(self, device: torch.device) -> bool:
+        return device.type == "cuda" and super().fast_on(device)
+
+    def rejects(self, module: nn.Module) -> str | None:
+        if not isinstance(module, nn.Linear):
+            return f"bitsandbytes takes nn.Linear only, not {type(module).__name__}"
+        return super().rejects(module)
+
+    def build(self, module: nn.Module, *, input_amax: float | None = None, smooth: torch.Tensor | None = None,
+              replay: bool = False) -> nn.Module:
+        from dsx.quant.bnb import to_bnb
+
+        return to_bnb(module, self.format)
+
+
+@dataclass(frozen=True)
+class NF4(_Bitsandbytes):
     """``"nf4"``: 4-bit NormalFloat weights through bitsandbytes ``Linear4bit``."""
 
     format = "nf4"
+    tolerance = 0.3
 
 
 @dataclass(frozen=True)
-class LLMInt8(QuantConfig):
+class LLMInt8(_Bitsandbytes):
     """``"llm_int8"``: bitsandbytes ``Linear8bitLt`` (int8 weights; input columns above 6.0 run in fp16)."""
 
     format = "llm_int8"
@@ -118,10 +240,46 @@ class EmbeddingOnly(QuantConfig):
 
     embeddings: int | None = 8
 
+    def fast_on(self, device: torch.device) -> bool:
+        return False  # smaller, not faster
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.embeddings is None:
             raise ValueError("embeddings: an embedding-only config needs 4 or 8 bits, not None")
+
+
+@dataclass(frozen=True)
+class _Cast(QuantConfig):
+    """Base of the whole-model float formats: no integer layers, every float layer runs in ``dtype`` (inputs cast
+    in, float outputs cast back); fast where the hardware computes that dtype natively."""
+
+    quantizes_linears = False
+    tolerance = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        default = type(self).__dataclass_fields__["dtype"].default
+        if self.dtype != default:
+            raise ValueError(f"dtype: the {self.format} format computes in {default!r}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class BFloat16(_Cast):
+    """``"bf16"``: the whole model in bfloat16 (native on AVX512-BF16 / AMX CPUs and CUDA sm80+)."""
+
+    format = "bf16"
+
+    dtype: str | None = "bfloat16"
+
+
+@dataclass(frozen=True)
+class Float16(_Cast):
+    """``"fp16"``: the whole model in float16 (native on CUDA and AVX512-FP16 / AMX-FP16 CPUs)."""
+
+    format = "fp16"
+
+    dtype: str | None = "float16"
 
 
 ALIASES: dict[str, QuantConfig] = {"embedding_int8": EmbeddingOnly(8), "embedding_int4": EmbeddingOnly(4)}

@@ -14,18 +14,15 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from dsx.core.inputs import Inputs, model_device, normalize_inputs, run_model
-from dsx.core.transform import Transform, compare_outputs, eval_mode
+from dsx.core.transform import METRICS, Transform, compare_outputs, eval_mode
 from dsx.quant.calibrate import Observers, check_batches, observe_inputs
+from dsx.quant.cast import cast_float, compute_dtype
 from dsx.quant.config import QuantConfig, resolve_config
 from dsx.quant.embedding import QuantizedEmbedding
-from dsx.quant.linear import LINEARS, Int8StaticLinear, QuantLinear, fp8_supported, is_linear, linear_weight
+from dsx.quant.linear import QuantLinear, is_linear, linear_weight
 from dsx.quant.observers import ChannelAbsMax, make_observer
 from dsx.quant.qat import QATLinear
 from dsx.quant.smoothquant import smoothing_scales
-
-DEFAULT_TOLERANCE = {"int8": 0.1, "int8_static": 0.15, "int8_weight_only": 0.05, "fp8": 0.15, "fp8_weight_only": 0.1,
-                     "nf4": 0.3, "llm_int8": 0.1, "embedding": 0.1}
-"""Max relative output error (max |after - before| / max |before|) a format may add when no ``max_error`` is set."""
 
 BNB_CLASSES = ("Linear4bit", "Linear8bitLt")
 
@@ -75,8 +72,9 @@ class Quantize(Transform):
     ``dsx.quant.Int8Static(observer="percentile", smoothquant=0.5)``. ``skip`` lists module names (a name also
     skips its children) or ``"re:<regex>"`` patterns; ``filter_fn(name, module)`` returns False to keep a layer
     float. ``calibration`` (an iterable of batches) sets static activation scales and feeds the accuracy
-    budget: with ``max_error`` the most sensitive layers stay float until the relative output error is within
-    it. ``qat=True`` inserts fake-quant modules to train; ``dsx.convert`` then yields the int8 model.
+    budget: with ``max_error`` the most sensitive layers stay float until the output error is within it, measured
+    by ``metric``: ``"max_rel"`` (max relative error), ``"cosine"`` (1 - the smallest cosine similarity between an
+    output row and the original's) or a callable ``metric(model) -> float`` on your own data. ``qat=True`` inserts fake-quant modules to train; ``dsx.convert`` then yields the int8 model.
     ``layers`` names exactly the modules to quantize (the history records it, and ``dsx.load`` replays it).
 
     Distributed (``distributed=None``: automatic when ``torch.distributed`` is initialized with more than one rank
@@ -94,6 +92,7 @@ class Quantize(Transform):
     skip: Sequence[str] = ()
     filter_fn: Callable[[str, nn.Module], bool] | None = None
     max_error: float | None = None
+    metric: Any = "max_rel"
     qat: bool = False
     calibration: Any = None
     progress: bool = True
@@ -108,8 +107,10 @@ class Quantize(Transform):
         self.skip = list(self.skip)
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(f"filter_fn: expected a callable (name, module) -> bool, got {type(self.filter_fn)}")
-        if self.max_error is not None and not (isinstance(self.max_error, (int, float)) and self.max_error > 0):
-            raise ValueError(f"max_error: expected a positive relative error, got {self.max_error!r}")
+        if self.max_error is not None and not (isinstance(self.max_error, (int, float))
+                                               and not isinstance(self.max_error, bool) and self.max_error > 0):
+            raise ValueError(f"max_error: expected a positive error bound, got {self.max_error!r}")
+        check_metric(self.metric)
         if self.distributed is not None and not isinstance(self.distributed, bool):
             raise TypeError(f"distributed: expected True, False or None (auto), got {self.distributed!r}")
         if self.qat and not self.spec.qat:
@@ -122,16 +123,22 @@ class Quantize(Transform):
     def config(self) -> dict[str, Any]:
         if self._resolved is not None:
             return {"format": self.spec.to_dict(), "qat": self.qat, "layers": list(self._resolved)}
-        return {"format": self.spec.to_dict(), "skip": list(self.skip), "max_error": self.max_error, "qat": self.qat,
+        return {"format": self.spec.to_dict(), "skip": list(self.skip), "max_error": self.max_error,
+                "metric": self.metric if isinstance(self.metric, str) else "max_rel", "qat": self.qat,
                 "layers": self.layers}
 
+    def error_metric(self) -> str:
+        return METRICS[self.metric] if isinstance(self.metric, str) else "max_rel"
+
     def tolerance_for(self, dtype: torch.dtype) -> float:
-        return self.max_error if self.max_error is not None else DEFAULT_TOLERANCE[self.spec.format]
+        if self.max_error is None:
+            return self.spec.tolerance
+        # A callable metric is the judge of the budget; the example-input check then only records the error.
+        return self.max_error if isinstance(self.metric, str) else float("inf")
 
     def select(self, model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
         """The modules to quantize by name, and the eligible-looking ones left float with the reason."""
         chosen, skipped = {}, {}
-        fmt = self.spec.format
         for name, m in model.named_modules():
             kind = "linear" if is_linear(m) and self.spec.quantizes_linears else (
                 "embedding" if isinstance(m, nn.Embedding) and self.spec.embeddings else None)
@@ -145,13 +152,8 @@ class Quantize(Transform):
                 skipped[name] = "skip"
             elif self.filter_fn is not None and not self.filter_fn(name, m):
                 skipped[name] = "filter_fn"
-            elif kind == "linear" and fmt in ("nf4", "llm_int8") and not isinstance(m, nn.Linear):
-                skipped[name] = f"bitsandbytes takes nn.Linear only, not {type(m).__name__}"
-            elif kind == "linear" and fmt == "fp8" and m.weight.is_cuda and any(
-                    d % 16 for d in linear_weight(m)[0].shape):
-                skipped[name] = "fp8 on CUDA needs in and out features divisible by 16"
-            elif kind == "linear" and not linear_weight(m)[0].is_floating_point():
-                skipped[name] = "weight is not floating point"
+            elif kind == "linear" and (reason := self.spec.rejects(m)) is not None:
+                skipped[name] = reason
             else:
                 chosen[name] = m
         if self.layers is not None and (missing := sorted(set(self.layers) - set(chosen))):
@@ -208,17 +210,7 @@ class Quantize(Transform):
             return QuantizedEmbedding.from_float(module, bits=spec.embeddings)
         if self.qat:
             return QATLinear.from_float(module, spec.format, amax.get(name))
-        if spec.format in ("nf4", "llm_int8"):
-            from dsx.quant.bnb import to_bnb
-
-            return to_bnb(module, spec.format)
-        if spec.format == "int8_static":
-            if self.replay:
-                k = linear_weight(module)[0].shape[1]
-                return Int8StaticLinear.from_float(module, smooth=torch.ones(k) if spec.smoothquant is not None
-                                                   else None)
-            return Int8StaticLinear.from_float(module, input_amax=amax[name], smooth=smooth.get(name))
-        return LINEARS[spec.format].from_float(module)
+        return spec.build(module, input_amax=amax.get(name), smooth=smooth.get(name), replay=self.replay)
 
     def budget(self, model: nn.Module, built: dict[str, nn.Module], batches: list[Any]) -> list[str]:
         """Names to keep float so the output error stays within ``max_error``: the most sensitive layers first."""
@@ -232,8 +224,12 @@ class Quantize(Transform):
                 set_module(model, n, built[n])
             try:
                 with eval_mode(model):
-                    worst = max((compare_outputs(r, run_model(model, b, name="calibration batch"))["max_rel"]
-                                 for r, b in zip(refs, batches)), default=0.0)
+                    if callable(self.metric):
+                        worst = float(self.metric(model))
+                    else:
+                        key = METRICS[self.metric]
+                        worst = max((compare_outputs(r, run_model(model, b, name="calibration batch"))[key]
+                                     for r, b in zip(refs, batches)), default=0.0)
             finally:
                 for n in names:
                     set_module(model, n, originals[n])
@@ -264,8 +260,11 @@ class Quantize(Transform):
             raise ValueError(f"quantize: the model is already quantized ({done}); quantize the float model instead "
                              "of quantizing twice")
         device = model_device(model)
-        if spec.format == "fp8" and (reason := fp8_supported(device)) is not None:
+        if (reason := spec.unsupported(device)) is not None:
             raise ValueError(f"config: {reason}; use 'fp8_weight_only' or 'int8' on this device")
+        if spec.compute_dtype is not None and compute_dtype(model) is not None:
+            raise ValueError(f"dtype: the model already computes in {compute_dtype(model)}; quantize the original "
+                             "model instead")
         from dsx.parallel.calibration import all_reduce_scalar, distributed_active  # dsx.parallel imports dsx.quant
 
         self._sync = distributed_active(self.distributed, self.process_group)
@@ -302,10 +301,23 @@ class Quantize(Transform):
         for n, m in built.items():
             m.train(chosen[n].training)
             model = set_module(model, n, m)
+        if spec.compute_dtype is not None:
+            cast_float(model, spec.compute_dtype)
         self._resolved = sorted(built)
         info = {"format": spec.format, "qat": self.qat, "quantized": len(built), "kept_float": kept,
                 "skipped": skipped, "bytes_before": bytes_before, "bytes_after": state_bytes(model)}
         return model, info
+
+
+def check_metric(metric: Any) -> None:
+    """Raise unless ``metric`` names an output-error metric or is a callable ``metric(model) -> float``."""
+    if isinstance(metric, str):
+        if metric not in METRICS:
+            raise ValueError(f"metric: expected one of {sorted(METRICS)} or a callable metric(model) -> float, "
+                             f"got {metric!r}")
+    elif not callable(metric):
+        raise TypeError(f"metric: expected one of {sorted(METRICS)} or a callable metric(model) -> float, "
+                        f"got {type(metric).__name__}")
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -342,11 +354,12 @@ class Convert(Transform):
 
 def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "int8", *, calibration: Any = None,
              skip: Sequence[str] = (), filter_fn: Callable[[str, nn.Module], bool] | None = None,
-             max_error: float | None = None, qat: bool = False, example_inputs: Any = None, progress: bool = True,
-             inplace: bool = False, verify: bool = True, distributed: bool | None = None,
+             max_error: float | None = None, metric: Any = "max_rel", qat: bool = False, example_inputs: Any = None,
+             progress: bool = True, inplace: bool = False, verify: bool = True, distributed: bool | None = None,
              process_group: Any = None) -> nn.Module:
     """``dsx.Quantize(config, ...)(model, example_inputs)``: the quantized copy of ``model`` (see ``Quantize``)."""
-    return Quantize(config, skip=skip, filter_fn=filter_fn, max_error=max_error, qat=qat, calibration=calibration,
+    return Quantize(config, skip=skip, filter_fn=filter_fn, max_error=max_error, metric=metric, qat=qat,
+                    calibration=calibration,
                     progress=progress, inplace=inplace, verify=verify, distributed=distributed,
                     process_group=process_group)(model, example_inputs)
 

@@ -149,5 +149,13 @@ def test_compare_outputs_and_model_device():
     with pytest.raises(VerificationError, match="non-finite"):
         compare_outputs(torch.tensor([1.0, float("inf")]), torch.tensor([1.0, 2.0]))
     err = compare_outputs(torch.tensor([2.0, -4.0]), torch.tensor([2.0, -3.0]))
-    assert err == {"max_abs": 1.0, "max_rel": 0.25}
+    assert err["max_abs"] == 1.0 and err["max_rel"] == 0.25
+    assert err["cosine_error"] == pytest.approx(1 - (4 + 12) / (20 ** 0.5 * 13 ** 0.5))
+    rows = compare_outputs(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    assert rows["cosine_error"] == pytest.approx(1 - 2 ** -0.5)
+    assert compare_outputs(torch.zeros(2, 3), torch.zeros(2, 3))["cosine_error"] == 0.0
+    with pytest.raises(VerificationError, match="nothing to compare"):
+        compare_outputs(torch.full((2,), float("nan")), torch.full((2,), float("nan")))
+    with pytest.raises(VerificationError, match="nothing to compare"):
+        compare_outputs(torch.ones(0, 4), torch.ones(0, 4))
     assert model_device(nn.ReLU()) == torch.device("cpu")

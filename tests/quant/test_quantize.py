@@ -9,7 +9,7 @@ import dsx
 from dsx.quant import Int8Static, valid_formats
 from dsx.quant.embedding import QuantizedEmbedding
 from dsx.quant.linear import Int8Linear, Int8StaticLinear, fp8_supported
-from dsx.quant.quantize import DEFAULT_TOLERANCE
+from dsx.quant.config import EmbeddingOnly
 
 CPU_FP8 = fp8_supported(torch.device("cpu")) is None
 
@@ -131,7 +131,7 @@ def test_quantizing_twice_is_refused(net):
 
 def test_fp8_on_a_device_without_it_is_refused(net, monkeypatch):
     reason = "fp8 needs a CUDA GPU with compute capability >= 8.9 (this one has 8.0)"
-    monkeypatch.setattr(sys.modules["dsx.quant.quantize"], "fp8_supported", lambda device: reason)
+    monkeypatch.setattr(sys.modules["dsx.quant.config"], "fp8_supported", lambda device: reason)
     with pytest.raises(ValueError, match=r"config: fp8 needs .* use 'fp8_weight_only' or 'int8'"):
         dsx.quantize(net, "fp8")
 
@@ -147,10 +147,52 @@ def test_bad_arguments():
         Int8Static(smoothquant=1.5)
     with pytest.raises(TypeError, match="config"):
         dsx.Quantize(8)
+    for bad in (float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="max_error"):
+            dsx.Quantize("int8", max_error=bad)
+    with pytest.raises(ValueError, match="metric: expected one of"):
+        dsx.Quantize("int8", metric="l2")
+    with pytest.raises(TypeError, match="metric: expected one of"):
+        dsx.Quantize("int8", metric=3)
+    with pytest.raises(ValueError, match="dtype: expected None or one of"):
+        dsx.quant.Int8Dynamic(dtype="float64")
+    with pytest.raises(ValueError, match="dtype: the bf16 format computes in 'bfloat16'"):
+        dsx.quant.BFloat16(dtype="float16")
+
+
+def test_bf16_and_mixed_int8_bf16_keep_the_callers_dtypes(net, ids):
+    with torch.no_grad():
+        ref = net(ids)
+    for fmt in ("bf16", dsx.quant.Int8Dynamic(dtype="bfloat16")):
+        q = dsx.quantize(net, fmt, example_inputs=ids, progress=False)
+        with torch.no_grad():
+            out = q(ids)
+        assert out.dtype == torch.float32 and type(q) is type(net)
+        assert dsx.history(q)[-1]["error"]["max_rel"] < 0.1
+        assert torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min() > 0.99
+    q = dsx.quantize(net, dsx.quant.Int8Dynamic(dtype="bfloat16"), progress=False)
+    assert q.head.weight.dtype == torch.int8 and q.head.weight_scale.dtype == torch.float32
+    assert q.head.bias.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="already computes in"):
+        dsx.quantize(dsx.quantize(net, "bf16", progress=False), dsx.quant.Int8Dynamic(dtype="bfloat16"))
+
+
+def test_cosine_and_callable_metrics_drive_the_budget(net, ids):
+    q = dsx.quantize(net, "int8", metric="cosine", max_error=0.01, example_inputs=ids, progress=False)
+    err = dsx.history(q)[-1]["error"]
+    assert err["metric"] == "cosine_error" and err["cosine_error"] <= 0.01
+    calls = []
+
+    def metric(model):
+        calls.append(type(model).__name__)
+        return 1.0  # nothing holds: every layer stays float
+
+    q = dsx.quantize(net, "int8", metric=metric, max_error=0.5, example_inputs=ids, progress=False)
+    assert calls and dsx.history(q)[-1]["info"]["quantized"] == 0
 
 
 def test_outside_tolerance_is_an_error(net, ids, monkeypatch):
-    monkeypatch.setitem(DEFAULT_TOLERANCE, "embedding", 1e-6)
+    monkeypatch.setattr(EmbeddingOnly, "tolerance", 1e-6)
     with pytest.raises(dsx.VerificationError, match="over the tolerance"):
         dsx.quantize(net, "embedding_int4", example_inputs=ids)
 
