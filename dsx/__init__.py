@@ -10,11 +10,13 @@ from dsx.compress import (
 )
 from dsx.core.compose import Compose, compose
 from dsx.core.recipe import from_recipe, to_recipe
+from dsx.core.report import Report, report
 from dsx.core.serialize import load, save
 from dsx.core.summary import Summary, summary
 from dsx.core.transform import Transform, VerificationError, history
 from dsx.graph.backend import compile_backend
 from dsx.graph.capture import Captured, capture
+from dsx.graph.compiled import Compile
 from dsx.graph.fuse import Fuse, fusions
 from dsx.graph.pass_manager import available_passes
 from dsx.quant import Convert, Quantize, convert, quantize
@@ -22,8 +24,8 @@ from dsx.quant import Convert, Quantize, convert, quantize
 __version__ = "0.1.0"
 
 __all__ = [
-    "Captured", "Compose", "Convert", "Distill", "Fuse", "MakePermanent", "Prune", "PruningSchedule", "Quantize",
-    "Sparsify", "Summary", "Transform", "VerificationError", "available_passes", "capture", "compile_backend",
+    "Captured", "Compile", "Compose", "Convert", "Distill", "Fuse", "MakePermanent", "Prune", "PruningSchedule", "Quantize",
+    "Report", "Sparsify", "Summary", "Transform", "VerificationError", "available_passes", "capture", "compile_backend",
     "compose", "convert", "distill", "export", "from_recipe", "fusions", "history", "load", "make_permanent",
-    "optimize", "parallel", "prune", "quantize", "save", "sparsify", "summary", "to_recipe",
+    "optimize", "parallel", "prune", "quantize", "report", "save", "sparsify", "summary", "to_recipe",
 ]

@@ -15,6 +15,7 @@ import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
 from dsx.core.inputs import check_module, model_device, synthesize
+from dsx.core.report import REPORT_ATTR
 from dsx.core.transform import HISTORY_ATTR, ORIGIN_ATTR, Transform, history
 
 FORMAT, VERSION = "dsx", 1
@@ -30,7 +31,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``path/model.safetensors`` (the state dict) and ``path/dsx.json`` (origin, mode, history)."""
     check_module(model)
     meta = {"format": FORMAT, "version": VERSION, "origin": origin(model), "training": model.training,
-            "history": history(model)}
+            "history": history(model), "report": getattr(model, REPORT_ATTR, None)}
     try:
         text = json.dumps(meta, indent=2)
     except (TypeError, ValueError) as e:
@@ -82,5 +83,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     except RuntimeError as e:
         raise ValueError(f"load: the weights in {path / WEIGHTS} do not fit the rebuilt model: {e}") from e
     setattr(model, HISTORY_ATTR, list(meta["history"]))
+    if meta.get("report") is not None:
+        setattr(model, REPORT_ATTR, meta["report"])
     setattr(model, ORIGIN_ATTR, meta["origin"])
     return model

@@ -56,3 +56,35 @@ def cpu_name() -> str:
     names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
              if ln.startswith("model name")] if info.exists() else []
     return names[0] if names else platform.machine()
+
+
+def paired_ms(a: Callable[[], Any], b: Callable[[], Any], *, rounds: int = 5,
+              min_block_s: float = 0.2) -> tuple[float, float, float, float]:
+    """Time ``a`` and ``b`` side by side: ``rounds`` rounds, each a block of calls of one then the other (the order
+    alternating), each block at least ``min_block_s`` long after a warm-up call.
+
+    Returns:
+        ``(a_ms, b_ms, speedup, spread)``: the median milliseconds per call of each, the median over rounds of
+        ``a_ms / b_ms``, and the spread of that ratio (half its range over the rounds, relative to the median).
+    """
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def block(fn: Callable[[], Any]) -> float:
+        fn()
+        sync()
+        calls, start = 0, time.perf_counter()
+        while calls == 0 or time.perf_counter() - start < min_block_s:
+            fn()
+            sync()
+            calls += 1
+        return (time.perf_counter() - start) * 1e3 / calls
+
+    times: dict[str, list[float]] = {"a": [], "b": []}
+    with torch.no_grad():
+        for r in range(rounds):
+            for key in (("a", "b") if r % 2 == 0 else ("b", "a")):
+                times[key].append(block(a if key == "a" else b))
+    ratios = [x / y for x, y in zip(times["a"], times["b"])]
+    ratio = statistics.median(ratios)
+    return statistics.median(times["a"]), statistics.median(times["b"]), ratio, (max(ratios) - min(ratios)) / (
+        2 * ratio)

@@ -1,0 +1,1 @@
+"""``dsx.optimize``'s search: candidate plans from the format registry, measured on this machine."""
