@@ -51,6 +51,26 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _bar(args: argparse.Namespace, desc: str, steps: int) -> tqdm:
     """A progress bar on stderr over a command's steps; it clears itself when done or on an error."""
     return tqdm(total=steps, desc=f"dsx {desc}", leave=False, file=sys.stderr,
@@ -71,9 +91,11 @@ def _optimize(args: argparse.Namespace) -> None:
         else:
             passes = args.passes if args.passes in (None, "all") else args.passes.split(",")
             calibration = call_factory(args.calibration, what="--calibration") if args.calibration else None
-            opt = dsx.optimize(model, inputs, passes=passes, dynamic_batch=args.dynamic_batch, prune=args.prune,
+            formats = args.formats.split(",") if args.formats else None
+            opt = dsx.optimize(model, inputs, max_error=args.max_error, metric=args.metric, formats=formats,
+                               budget_s=args.budget_s, compile=not args.no_compile, passes=passes, prune=args.prune,
                                structured=args.structured, sparsity=args.sparsify, quantize=args.quantize,
-                               calibration=calibration)
+                               calibration=calibration, progress=not getattr(args, "no_progress", False))
         _step(bar, "optimized")
         saved = dsx.save(opt, args.out) if args.out else None
         if saved:
@@ -82,10 +104,13 @@ def _optimize(args: argparse.Namespace) -> None:
         if args.export:
             from dsx.export import export
 
-            dynamic = any(e["config"].get("dynamic_batch") for e in dsx.history(opt))
+            dynamic = args.dynamic_batch or any(e["config"].get("dynamic_batch") for e in dsx.history(opt))
             result = export(opt, inputs, args.export, dynamic_shapes="batch" if dynamic else None)
             _step(bar, "exported")
     print(dsx.summary(opt))
+    if not args.recipe:
+        print()
+        print(dsx.report(opt))
     if saved:
         print(f"saved: {saved}")
     if result:
@@ -130,7 +155,7 @@ def _bench(args: argparse.Namespace) -> None:
         a, kw = inputs = normalize_inputs(example)
         reference = run_model(model, inputs)
         _step(bar, "loaded")
-        opt = dsx.optimize(model, example)
+        opt = dsx.optimize(model, example, progress=False)
         _step(bar, "optimized")
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = export(model, example, Path(tmp) / "model.onnx").path
@@ -150,8 +175,9 @@ def _bench(args: argparse.Namespace) -> None:
         _step(bar, "compiled")
         # Runtimes with spinning worker threads (inductor's OpenMP, onnxruntime's pool) are timed apart from
         # the eager-style ones, which they would slow down (see dsx/demo.py).
-        ms = {**compare_ms({k: run[k] for k in ("eager", "dsx.optimize")}, warmup=3, iters=args.iters),
-              **compare_ms({k: run[k] for k in ("torch.compile", "onnxruntime fp32")}, warmup=3, iters=args.iters)}
+        ms = {**compare_ms({k: run[k] for k in ("eager",)}, warmup=3, iters=args.iters),
+              **compare_ms({k: run[k] for k in ("dsx.optimize", "torch.compile", "onnxruntime fp32")}, warmup=3,
+                           iters=args.iters)}
         _step(bar, "timed")
     rows = [[k, ms[k], f"{ms['eager'] / ms[k]:.2f}x", err.get(k, "-")] for k in run]
     print(f"device: cpu  torch {torch.__version__}  onnxruntime {ort.__version__}  threads {torch.get_num_threads()}")
@@ -233,13 +259,21 @@ def _parser() -> argparse.ArgumentParser:
         cmd.set_defaults(run=fn)
         return cmd
 
-    opt = command("optimize", _optimize, "fuse a model with dsx (or run a recipe), print its summary, save / export it")
+    opt = command("optimize", _optimize, "search the fastest verified plan for a model (or run a recipe), print its "
+                                         "summary and the plans tried, save / export it")
     add_model_arguments(opt)
     how = opt.add_mutually_exclusive_group()
-    how.add_argument("--passes", metavar="all|NAME,NAME", help="graph passes to run (default: the device's set)")
+    how.add_argument("--passes", metavar="all|NAME,NAME",
+                     help="graph passes of the compiled plans (default: the device's set)")
     how.add_argument("--recipe", metavar="RECIPE.yaml", help="run the transforms of a recipe file instead")
-    opt.add_argument("--dynamic-batch", action="store_true", help="let dim 0 of the inputs vary (not with --recipe: "
-                                                                   "set dynamic_batch in its fuse step)")
+    opt.add_argument("--max-error", type=_non_negative, metavar="E",
+                     help="allow lossy plans whose output error (by --metric) is at most E (default: lossless)")
+    opt.add_argument("--metric", choices=["max_rel", "cosine"], default="max_rel",
+                     help="max relative output error, or 1 - the smallest row cosine similarity")
+    opt.add_argument("--formats", metavar="NAME,NAME", help="only these formats (int8, int8+bf16, bf16, 2:4, ...)")
+    opt.add_argument("--budget-s", type=_positive_float, metavar="S", help="stop trying new plans after S seconds")
+    opt.add_argument("--no-compile", action="store_true", help="do not try torch.compile(backend='dsx') plans")
+    opt.add_argument("--dynamic-batch", action="store_true", help="with --export: keep dim 0 dynamic in the file")
     opt.add_argument("--prune", type=_fraction, metavar="AMOUNT", help="prune this fraction of the weights first")
     opt.add_argument("--structured", action="store_true", help="with --prune: remove whole channels, neurons, heads")
     opt.add_argument("--sparsify", metavar="2:4", help="2:4 sparsity on the eligible linear layers")
@@ -276,8 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "optimize" and args.recipe:
-        given = [f"--{k.replace('_', '-')}" for k in ("dynamic_batch", "prune", "structured", "sparsify", "quantize",
-                                                       "calibration") if getattr(args, k)]
+        given = [f"--{k.replace('_', '-')}" for k in ("prune", "structured", "sparsify", "quantize", "calibration",
+                                                       "max_error", "formats", "budget_s", "no_compile")
+                 if getattr(args, k) not in (None, False)]
         if given:
             parser.error(f"optimize: {', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --recipe; "
                          "set it in the recipe's steps")

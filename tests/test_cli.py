@@ -75,33 +75,34 @@ def run_onnx(path, x):
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]), session
 
 
-def test_optimize_saves_and_exports_then_summary_reads_the_save(tmp_path):
-    out = ok(dsx(tmp_path, "optimize", "cli_factory:mlp", "--input-shape", "4,16", "--passes", "all",
-                 "--dynamic-batch", "--out", "opt.dsx", "--export", "opt.onnx", "--no-progress"))
-    assert "remove_dropout=1" in out and "bias_act=1" in out
+def test_optimize_searches_saves_and_exports_then_summary_reads_the_save(tmp_path):
+    out = ok(dsx(tmp_path, "optimize", "cli_factory:mlp", "--input-shape", "4,16", "--max-error", "0.05",
+                 "--metric", "cosine", "--formats", "int8,bf16", "--no-compile", "--dynamic-batch", "--out",
+                 "opt.dsx", "--export", "opt.onnx", "--no-progress"))
+    assert "dsx.optimize on cpu: cosine <= 0.05" in out
+    plans = [ln.split()[0] for ln in out.splitlines() if ln.split()[:1] in (["original"], ["int8"], ["bf16"])]
+    assert plans == ["original", "int8", "bf16"]
     assert "saved: opt.dsx" in out and "exported: onnx -> opt.onnx (max abs" in out
     x = torch.randn(3, 16)
     got, session = run_onnx(tmp_path / "opt.onnx", x)
     assert isinstance(session.get_inputs()[0].shape[0], str)
     with torch.no_grad():
-        torch.testing.assert_close(got, fixture("mlp").eval()(x), rtol=1e-4, atol=1e-5)
+        ref = fixture("mlp").eval()(x)
+    assert torch.nn.functional.cosine_similarity(got, ref).min() > 0.95
 
     out = ok(dsx(tmp_path, "summary", "opt.dsx"))
-    assert "tensors:  4 (parameters and persistent buffers)" in out and "elements: 676" in out
-    assert "float32  4        676       2.64 KiB" in out
-    assert "fuse       fuse   passes=all, dynamic_batch=True" in out
+    assert "tensors:" in out and "(parameters and persistent buffers)" in out
 
 
 def test_optimize_prunes_sparsifies_quantizes_and_exports(tmp_path):
     out = ok(dsx(tmp_path, "optimize", "cli_factory:wide_mlp", "--input-shape", "8,64", "--prune", "0.3",
                  "--sparsify", "2:4", "--quantize", "int8_static", "--calibration", "cli_factory:calibration",
-                 "--out", "q.dsx", "--export", "q.onnx", "--no-progress"))
+                 "--no-compile", "--out", "q.dsx", "--export", "q.onnx", "--no-progress"))
     steps = ("prune      prune", "sparsify   prune     pattern=2:4", "quantize   compress  format={format=int8_static")
     assert all(step in out for step in steps), out
     assert "exported: onnx -> q.onnx" in out
     onnx = pytest.importorskip("onnx")
-    # After the fuse step the static linears are inlined into a captured graph: integer ops, not QDQ modules.
-    assert "MatMulInteger" in {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
     out = ok(dsx(tmp_path, "summary", "q.dsx"))
     assert "int8" in out and "quantize" in out
 
@@ -158,8 +159,15 @@ def test_plot_needs_matplotlib(tmp_path):
     (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--passes", "remove_dropout,nope"], 1,
      "dsx: error: passes: unknown pass 'nope'"),
     (["export", "cli_factory:mlp", "out.onnx"], 1, "dsx: error: the model needs example inputs"),
-    (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--recipe", "r.yaml", "--dynamic-batch"], 2,
-     "--dynamic-batch does not apply to --recipe"),
+    (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--recipe", "r.yaml", "--max-error", "0.1"], 2,
+     "--max-error does not apply to --recipe"),
+    (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--max-error", "-1"], 2,
+     "argument --max-error: expected a finite number >= 0, got '-1'"),
+    (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--budget-s", "0"], 2,
+     "argument --budget-s: expected a positive number, got '0'"),
+    (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--metric", "l2"], 2, "argument --metric: invalid choice"),
+    (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--formats", "int9"], 1,
+     "dsx: error: formats: unknown format 'int9'"),
     (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--recipe", "r.yaml", "--quantize", "int8"], 2,
      "--quantize does not apply to --recipe"),
     (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--quantize", "int9"], 1,

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from dsx.core.inputs import check_module
+from dsx.core.report import REPORT_ATTR, Report
 from dsx.core.serialize import origin
 from dsx.core.table import html_table, text_table
 from dsx.core.transform import history
@@ -21,7 +22,8 @@ COLUMNS = ("#", "transform", "stage", "config", "max rel err", "tolerance", "inf
 
 @dataclass
 class Summary:
-    """Rows of applied transforms plus totals: parameter and buffer elements, bytes, bytes per dtype."""
+    """Rows of applied transforms plus totals: parameter and buffer elements, bytes, bytes per dtype; and the plans
+    ``dsx.optimize`` tried (``report``, the ``Report.to_dict()`` form) when it made the model."""
 
     origin: str
     rows: list[dict[str, Any]]
@@ -29,6 +31,7 @@ class Summary:
     buffers: int
     bytes: int
     dtypes: dict[str, int]
+    report: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,15 +52,17 @@ class Summary:
         totals = self._totals()
         width = max(len(k) for k, _ in totals) + 2
         lines = [f"{k + ':':<{width}}{v}" for k, v in totals]
+        plans = ["", str(Report.from_dict(self.report))] if self.report else []
         if not self.rows:
-            return "\n".join([*lines, "no dsx transforms applied"])
+            return "\n".join([*lines, "no dsx transforms applied", *plans])
         clipped = [[_clip(c) if isinstance(c, str) else c for c in row] for row in self._cells()]
-        return "\n".join([*lines, "", text_table(COLUMNS, clipped)])
+        return "\n".join([*lines, "", text_table(COLUMNS, clipped), *plans])
 
     def _repr_html_(self) -> str:
         totals = html_table([k for k, _ in self._totals()], [[v for _, v in self._totals()]])
         body = html_table(COLUMNS, self._cells()) if self.rows else "<p>no dsx transforms applied</p>"
-        return f"<div>{totals}{body}</div>"
+        plans = Report.from_dict(self.report)._repr_html_() if self.report else ""
+        return f"<div>{totals}{body}{plans}</div>"
 
 
 def _dash(x: float | None) -> float | str:
@@ -123,4 +128,5 @@ def summary(model: nn.Module) -> Summary:
             dtype = str(t.dtype).removeprefix("torch.")
             dtypes[dtype] = dtypes.get(dtype, 0) + t.numel() * t.element_size()
     dtypes = dict(sorted(dtypes.items(), key=lambda kv: -kv[1]))
-    return Summary(origin(model), rows, counts["parameters"], counts["buffers"], sum(dtypes.values()), dtypes)
+    return Summary(origin(model), rows, counts["parameters"], counts["buffers"], sum(dtypes.values()), dtypes,
+                   getattr(model, REPORT_ATTR, None))

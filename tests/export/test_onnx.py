@@ -92,7 +92,7 @@ def test_hf_models_with_dynamic_batch_and_sequence(tmp_path, name):
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_optimized_hf_models_lower_dsx_ops_to_standard_onnx(tmp_path, name):
     model, kwargs = tiny_hf(name)
-    optimized = dsx.optimize(model, kwargs, passes="all")
+    optimized = dsx.Fuse("all")(model, kwargs)
     assert {"dsx.add_layer_norm.default", "dsx.bias_act.default"} <= dsx_ops(optimized)
     path = tmp_path / f"{name}_dsx.onnx"
     result = export_onnx(optimized, kwargs, path)
@@ -112,7 +112,7 @@ def test_optimized_hf_models_lower_dsx_ops_to_standard_onnx(tmp_path, name):
 def test_optimized_models_with_the_softmax_norm_and_gated_kernels(tmp_path, name, fused):
     model, kwargs = tiny_hf(name)
     passes = [p for p in dsx.available_passes() if p != "attention_to_sdpa"]
-    optimized = dsx.optimize(model, kwargs, passes=passes)
+    optimized = dsx.Fuse(passes)(model, kwargs)
     assert fused <= dsx_ops(optimized)
     path = tmp_path / f"{name}.onnx"
     assert export_onnx(optimized, kwargs, path).max_rel < TOL

@@ -55,7 +55,7 @@ def optimized_gpt():
     torch.manual_seed(0)
     model = TinyGPT(vocab=64, dim=32, layers=2, heads=4, max_len=16).eval()
     x = torch.randint(0, 64, (2, 16))
-    return model, dsx.optimize(model, x, passes="all", dynamic_batch=True), x
+    return model, dsx.Fuse("all", dynamic_batch=True)(model, x), x
 
 
 def test_optimized_model_keeps_dsx_ops_and_varies_batch(tmp_path, optimized_gpt):

@@ -36,7 +36,7 @@ def test_fuse_from_a_recipe_and_back():
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_fused_hf_model_saves_and_reloads_bit_exact(tmp_path, name):
     model, kw = tiny_hf(name)
-    fused = dsx.optimize(model, kw)
+    fused = dsx.Fuse()(model, kw)
     dsx.save(fused, tmp_path / name)
     fresh, _ = tiny_hf(name)
     torch.manual_seed(123)
@@ -51,7 +51,7 @@ def test_fused_hf_model_saves_and_reloads_bit_exact(tmp_path, name):
 
 def test_folded_resnet_state_has_no_stale_batchnorm_tensors():
     model = randomize_batchnorm(TinyResNet(width=8)).eval()
-    fused = dsx.optimize(model, torch.randn(2, 3, 16, 16))
+    fused = dsx.Fuse()(model, torch.randn(2, 3, 16, 16))
     keys = set(fused.state_dict())
     assert not [k for k in keys if "running_" in k or "num_batches_tracked" in k]
     assert not keys & {"stem.0.weight", "stem.1.weight", "stem.1.bias", "layers.0.bn1.weight"}

@@ -262,7 +262,7 @@ def test_static_scales_come_from_the_calibration_range():
 
 def test_quantize_then_optimize_and_compile(net, ids):
     q = dsx.quantize(net, "int8")
-    fast = dsx.optimize(q, ids)
+    fast = dsx.Fuse()(q, ids)
     assert torch.allclose(fast(ids), q(ids), rtol=1e-4, atol=1e-5)
     compiled = torch.compile(q, backend="dsx")
     assert torch.allclose(compiled(ids), q(ids), rtol=1e-4, atol=1e-4)
