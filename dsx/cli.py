@@ -237,7 +237,7 @@ def _summary(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    demo(device=args.device, iters=args.iters, progress=not getattr(args, "no_progress", False))
+    demo(device=args.device, budget_s=args.budget_s, progress=not getattr(args, "no_progress", False))
 
 
 def _passes(args: argparse.Namespace) -> None:
@@ -298,9 +298,9 @@ def _parser() -> argparse.ArgumentParser:
     summ = command("summary", _summary, "show the history and weights of a model saved by dsx.save")
     summ.add_argument("file", metavar="FILE", help="the directory dsx.save wrote")
 
-    demo = command("demo", _demo, "optimize two built-in models and print a comparison table")
+    demo = command("demo", _demo, "run dsx.optimize's search on built-in models and print what it picked")
     demo.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    demo.add_argument("--iters", type=_positive, default=50, help="timed runs per configuration (median reported)")
+    demo.add_argument("--budget-s", type=_positive_float, default=8.0, help="seconds each search may spend")
     command("passes", _passes, "list the graph passes in run order")
     return p
 

@@ -39,7 +39,7 @@ def test_the_installed_console_script_runs(tmp_path):
 
 def test_bad_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
-        main(["demo", "--iters", "0"])
+        main(["demo", "--budget-s", "0"])
     with pytest.raises(SystemExit):
         main(["frobnicate"])
     assert "invalid choice" in capsys.readouterr().err
