@@ -1,4 +1,4 @@
-"""Quickstart: optimize a model, check what fired, save and reload it, and compile with the dsx backend.
+"""Quickstart: let dsx.optimize pick the fastest verified plan, read its report, save and reload it.
 
 Run: python examples/quickstart.py
 """
@@ -13,12 +13,12 @@ from dsx.models import TinyGPT
 model = TinyGPT().eval()
 tokens = torch.randint(0, 512, (2, 64))
 
-fast = dsx.optimize(model, tokens)
-print(dsx.fusions(fast))
-print(dsx.summary(fast))
+fast = dsx.optimize(model, tokens, max_error=0.01, metric="cosine", budget_s=30)  # same class, any shape
+print(dsx.report(fast))                       # every plan tried: latency, speed-up, error, size, the winner
+assert type(fast) is TinyGPT and fast(torch.randint(0, 512, (5, 33))).shape == (5, 33, 512)
 
 with tempfile.TemporaryDirectory() as tmp:
-    dsx.save(fast, f"{tmp}/tiny-gpt")
+    dsx.save(fast, f"{tmp}/tiny-gpt")         # the chosen plan is replayed on load, no second search
     again = dsx.load(TinyGPT().eval(), f"{tmp}/tiny-gpt")
     assert torch.equal(again(tokens), fast(tokens))
 

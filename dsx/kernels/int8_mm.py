@@ -260,6 +260,15 @@ def _scaled_mm_backward(ctx, grad: torch.Tensor) -> Tuple[None, None, None, None
 _int8_scaled_mm_op.register_autograd(_scaled_mm_backward, setup_context=_scaled_mm_setup)
 
 
+def int8_scaled_mm_cpu(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The op's CPU kernel called directly, skipping the custom-op dispatch: for eager CPU callers (decode, where the
+    dispatch costs as much as the matmul); the same results as ``int8_scaled_mm``."""
+    return _scaled_mm_aten(a, a_scale, b, b_scale, bias, out_dtype)
+
+
 def int8_scaled_mm(
     a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
     bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32,

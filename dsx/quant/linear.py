@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dsx.kernels.int8_mm import int8_scaled_mm, int8_weight_only_mm
+from dsx.kernels.int8_mm import int8_scaled_mm, int8_scaled_mm_cpu, int8_weight_only_mm
 from dsx.kernels.quantize_fp8 import quantize_fp8_rowwise
-from dsx.kernels.quantize_per_token import quantize_per_token
+from dsx.kernels.quantize_per_token import quantize_per_token, quantize_per_token_cpu
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
@@ -50,6 +50,14 @@ def quantize_weight_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.float()
     scale = w.abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX
     return (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def eager_cpu(x: torch.Tensor) -> bool:
+    """A plain CPU tensor outside any tracing: the ops' CPU kernels may be called directly (no dispatch cost).
+
+    Under torch.compile / torch.export the dsx ops stay in the graph, where inductor and the ONNX exporter see them.
+    """
+    return type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 class QuantLinear(nn.Module, abc.ABC):
@@ -126,8 +134,12 @@ class Int8Linear(QuantLinear):
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._rows(x)
-        xq, xs = quantize_per_token(rows)
-        out = int8_scaled_mm(xq, xs, self.weight.t(), self.weight_scale, self.bias, x.dtype)
+        if eager_cpu(rows):
+            xq, xs = quantize_per_token_cpu(rows)
+            out = int8_scaled_mm_cpu(xq, xs, self.weight.t(), self.weight_scale, self.bias, x.dtype)
+        else:
+            xq, xs = quantize_per_token(rows)
+            out = int8_scaled_mm(xq, xs, self.weight.t(), self.weight_scale, self.bias, x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
