@@ -1,4 +1,4 @@
-"""End-to-end latency: eager vs torch.compile vs dsx.optimize vs torch.compile(backend="dsx").
+"""End-to-end latency of the graph passes: eager vs torch.compile vs dsx.Fuse vs torch.compile(backend="dsx").
 
 Models: the built-in tiny GPT and ResNet, and Hugging Face BERT / Llama built from configs (no download).
 Run: python benchmarks/bench_optimize.py [--device cpu|cuda] [--models gpt,resnet,bert,llama]
@@ -57,7 +57,7 @@ def main() -> None:
         kwargs = {k: to(v, a.device) for k, v in kwargs.items()}
         with torch.no_grad():
             ref = model(*args, **kwargs)
-        opt = dsx.optimize(model, kwargs if kwargs else args)
+        opt = dsx.Fuse()(model, kwargs if kwargs else args)  # the shape-specialized graph (bench_auto: the search)
         torch._dynamo.reset()
         compiled, dsx_compiled = torch.compile(model), torch.compile(model, backend=dsx.compile_backend())
         # eager-style and compiled runs are compared apart: inductor's OpenMP threads spin after compiled code
@@ -71,7 +71,7 @@ def main() -> None:
                      f"{ms['eager'] / ms['dsx']:.2f}x", f"{ms['compile'] / ms['dsx+compile']:.2f}x", err,
                      ", ".join(f"{k}={v}" for k, v in dsx.fusions(opt).items() if v)])
     print(f"device: {a.device}  torch {torch.__version__}  threads {torch.get_num_threads()}")
-    print(text_table(["model", "eager ms", "compile ms", "dsx ms", "dsx+compile ms", "dsx vs eager",
+    print(text_table(["model", "eager ms", "compile ms", "dsx.Fuse ms", "dsx+compile ms", "dsx.Fuse vs eager",
                       "dsx+compile vs compile", "max rel err", "fusions"], rows))
 
 
