@@ -20,7 +20,8 @@ assert type(fast) is TinyGPT and fast(torch.randint(0, 512, (5, 33))).shape == (
 with tempfile.TemporaryDirectory() as tmp:
     dsx.save(fast, f"{tmp}/tiny-gpt")         # the chosen plan is replayed on load, no second search
     again = dsx.load(TinyGPT().eval(), f"{tmp}/tiny-gpt")
-    assert torch.equal(again(tokens), fast(tokens))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), fast.state_dict().values()))
+    torch.testing.assert_close(again(tokens), fast(tokens), rtol=1e-4, atol=1e-4)  # compiled kernels may differ
 
 compiled = torch.compile(model, backend="dsx")
 torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-4, atol=1e-4)

@@ -205,3 +205,11 @@ def test_bad_model_and_inputs(mlp, x):
         dsx.optimize(mlp, torch.randn(2, 5))
     with pytest.raises(ValueError, match="model: has no dsx.optimize report"):
         dsx.report(mlp)
+
+
+def test_calibrated_format_is_tried_with_the_calibration_batches(mlp, x, speeds):
+    speeds.update({"int8_static": 2.0})
+    calib = [torch.randn(8, 64) for _ in range(3)]
+    out = dsx.optimize(mlp, x, max_error=0.05, metric="cosine", calibration=calib, formats=["int8_static"],
+                       compile=False, progress=False)
+    assert dsx.report(out).winner.plan == "int8_static" and out.up.input_scale.item() > 0

@@ -74,18 +74,23 @@ class Search:
         """Build and verify ``plan``; within a lossy format keep the most sensitive layers float until the budget
         holds. Returns the model, its error and how many layers were kept float."""
         fmt = plan.name.removesuffix("+compile")
-        quantize = self.resolved.get(fmt)
+        data = [b[1] or b[0] for b in self.batches]
+        first = (known := self.resolved.get(fmt)) is None
+        calibration = data if plan.quantize is not None and plan.quantize.calibrated else None
+        quantize = known
+        if first and plan.quantize is not None:
+            quantize = Quantize(plan.quantize, calibration=calibration, progress=False)
         model = compose(*plan.transforms(quantize=quantize, passes=self.passes))(self.base, self.example)
         err = self.error(model)
-        if err > self.budget and plan.quantize is not None and plan.quantize.quantizes_linears and quantize is None:
-            data = [b[1] or b[0] for b in self.batches]
+        if err > self.budget and plan.quantize is not None and plan.quantize.quantizes_linears and first:
             budgeted = Quantize(plan.quantize, max_error=self.budget, metric=self.metric, calibration=data,
                                 progress=False)
             model = compose(*plan.transforms(quantize=budgeted, passes=self.passes))(self.base, self.example)
             err = self.error(model)
         entry = next((e for e in history(model) if e["transform"] == "quantize"), None)
-        if plan.quantize is not None and entry is not None and quantize is None:
-            self.resolved[fmt] = Quantize(plan.quantize, layers=entry["config"]["layers"], progress=False)
+        if plan.quantize is not None and entry is not None and first:
+            self.resolved[fmt] = Quantize(plan.quantize, layers=entry["config"]["layers"], calibration=calibration,
+                                          progress=False)
         return model, err, len(entry["info"]["kept_float"]) if entry else 0
 
     def same_tokens(self, model: nn.Module) -> bool:
