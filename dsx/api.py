@@ -105,6 +105,11 @@ def optimize(model: nn.Module, example_inputs: Any, *, max_error: float | None =
         if max_error is not None or formats is not None:
             warnings.warn("max_error / formats: ignored, prune= / sparsity= / quantize= force the plan", stacklevel=2)
         base = compose(*forced, inplace=True)(base, example_inputs)
+    if max_error is None and not forced:
+        ignored = [name for name, given in (("metric", metric != "max_rel"), ("formats", formats is not None)) if given]
+        if ignored:
+            warnings.warn(f"{' / '.join(ignored)}: ignored without max_error (the lossless default tries no lossy "
+                          "format and holds outputs to fp32 rounding)", stacklevel=2)
     lossless = max_error is None or bool(forced)
     work = user_workload(workload) if workload is not None else default_workload(base, inputs)
     budget = Transform.tolerance[output_dtype(run_model(base, inputs))] if lossless else float(max_error)

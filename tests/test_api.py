@@ -196,6 +196,11 @@ def test_bad_arguments_name_the_argument(mlp, x, kwargs, error, match):
         dsx.optimize(mlp, x, progress=False, **kwargs)
 
 
+def test_lossy_only_arguments_without_max_error_warn(mlp, x):
+    with pytest.warns(UserWarning, match="metric / formats: ignored without max_error"):
+        dsx.optimize(mlp, x, metric="cosine", formats=["int8"], compile=False, progress=False)
+
+
 def test_bad_model_and_inputs(mlp, x):
     with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
         dsx.optimize(lambda t: t, x)

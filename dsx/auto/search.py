@@ -111,7 +111,7 @@ class Search:
             reason = (str(e).splitlines() or [""])[0]
             self.rows.append(PlanRow(plan.name, f"failed: {type(e).__name__}: {reason}"))
             return None
-        size = state_bytes(model) / 2**20
+        size = state_bytes(model) / 1e6
         if not err <= self.budget:
             self.rows.append(PlanRow(plan.name, "over budget", error=err, size_mb=size, kept_float=kept))
             return None
@@ -129,7 +129,7 @@ class Search:
         self.rows: list[PlanRow] = []
         ms = paired_ms(lambda: self.workload.run(self.base), lambda: self.workload.run(self.base),
                        rounds=self.rounds)[0]
-        original = PlanRow("original", "ok", ms, None, 1.0, 0.0, state_bytes(self.base) / 2**20)
+        original = PlanRow("original", "ok", ms, None, 1.0, 0.0, state_bytes(self.base) / 1e6)
         self.rows.append(original)
         best: Measured | None = None
         notes: list[str] = []

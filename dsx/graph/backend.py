@@ -28,9 +28,36 @@ def _graph_device(example_inputs: Sequence[Any]) -> str:
     return "cpu"
 
 
+def _symbolic(x: Any) -> bool:
+    return isinstance(x, torch.SymInt) and not isinstance(x.node.maybe_as_int(), int)
+
+
+def dynamic_spec(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[list[Any], list[Any] | None]:
+    """Concrete inputs for re-tracing a dynamo graph (a symbolic int becomes its hint) and the ``torch.export``
+    ``dynamic_shapes`` that keeps symbolic what dynamo made symbolic (``Dim.AUTO``: export infers how the sizes
+    relate); the spec is None for a static graph."""
+    values = [node.meta.get("example_value") for node in gm.graph.find_nodes(op="placeholder")]
+    concrete, spec, dynamic = [], [], False
+    for x, value in zip(example_inputs, values):
+        if isinstance(x, torch.SymInt):
+            concrete.append(int(x.node.hint))  # the value dynamo saw; SymNode.hint exists in torch 2.11 - 2.13
+            spec.append(torch.export.Dim.AUTO if _symbolic(x) else None)
+            dynamic |= _symbolic(x)
+            continue
+        concrete.append(x)
+        dims = {i: torch.export.Dim.AUTO for i, d in enumerate(getattr(value, "shape", ())) if _symbolic(d)}
+        spec.append(dims or None)
+        dynamic |= bool(dims)
+    return concrete, (spec if dynamic else None)
+
+
 def lower_to_aten(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
-    """Re-trace a dynamo graph to ATen with ``torch.export`` (non-strict); input signature unchanged."""
-    return export_graph(gm, (tuple(example_inputs), {}), guards=False).train(gm.training)
+    """Re-trace a dynamo graph to ATen with ``torch.export`` (non-strict), keeping dynamo's symbolic sizes
+    symbolic; input signature unchanged."""
+    concrete, spec = dynamic_spec(gm, example_inputs)
+    shapes = None if spec is None else (tuple(spec),)
+    with torch._guards.tracing(None):  # export's own shapes must not add guards to dynamo's frame
+        return export_graph(gm, (tuple(concrete), {}), dynamic_shapes=shapes, guards=False).train(gm.training)
 
 
 @dataclass(eq=False)
@@ -51,9 +78,6 @@ class DsxBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         from torch._inductor.compile_fx import compile_fx
 
-        if not all(isinstance(x, torch.Tensor) for x in example_inputs):
-            self.reports.append({"skipped": "symbolic (non-tensor) graph inputs: dynamic shapes are compiled as-is"})
-            return compile_fx(gm, example_inputs, config_patches=self.inductor_config)
         try:
             lowered = lower_to_aten(gm, example_inputs)
         except Exception as e:
@@ -62,7 +86,8 @@ class DsxBackend:
             self.reports.append({"skipped": f"{type(e).__name__}: {e}"})
             return compile_fx(gm, example_inputs, config_patches=self.inductor_config)
         counts = run_passes(lowered, resolve(self.passes, device=_graph_device(example_inputs)))
-        self.reports.append({"fusions": counts})
+        dynamic = any(isinstance(x, torch.SymInt) for x in example_inputs)
+        self.reports.append({"fusions": counts, **({"dynamic": True} if dynamic else {})})
         log.info("dsx backend: %s", counts)
         return compile_fx(lowered, example_inputs, config_patches=self.inductor_config)
 
