@@ -99,6 +99,10 @@ def plans(model: nn.Module, inputs: dict[str, Any], budget: float, budget_s: flo
     }
 
 
+REPORTS: list[tuple[str, str]] = []
+"""(label, report text) of every dsx.optimize search, printed after the tables."""
+
+
 def bench_bert(small: bool, iters: int, bar: tqdm, tmp: Path, budget_s: float) -> list[list[Any]]:
     model, inputs = bert(small)
     with torch.no_grad():
@@ -111,6 +115,7 @@ def bench_bert(small: bool, iters: int, bar: tqdm, tmp: Path, budget_s: float) -
         build_s[name] = time.perf_counter() - t0
         if name.startswith("dsx.optimize"):
             notes[name] = f"picked {dsx.report(built[name]).winner.plan}, search {build_s[name]:.0f} s"
+            REPORTS.append((f"bert, {name}", str(dsx.report(built[name]))))
         bar.update()
     fns = {n: (lambda m=m: m(**inputs)) for n, m in built.items()}
     cosine = {}
@@ -147,6 +152,7 @@ def bench_llama(small: bool, iters: int, bar: tqdm, budget_s: float) -> list[lis
         built[name] = make()
         if name.startswith("dsx.optimize"):
             notes[name] = f"picked {dsx.report(built[name]).winner.plan}, search {time.perf_counter() - t0:.0f} s"
+            REPORTS.append((f"llama, {name}", str(dsx.report(built[name]))))
         bar.update()
     fns = {n: (lambda m=m: m.generate(**inputs, **gen)) for n, m in built.items()}
     same, cosine = {}, {}
@@ -189,6 +195,8 @@ def main() -> None:
         print(f"\n{label}")
         print(text_table(headers, rows))
     print("\nmedians; eager-style and compiled rows are each timed interleaved (compare_ms), apart from each other.")
+    for label, text in REPORTS:
+        print(f"\n{label}: dsx.report\n{text}")
 
 
 if __name__ == "__main__":

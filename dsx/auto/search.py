@@ -24,6 +24,9 @@ from dsx.quant.quantize import Quantize, state_bytes
 MIN_GAIN = 0.03
 """A plan must be this much faster than the original (or its measured spread, if larger) to be returned."""
 
+WARMUP_CALLS = 2
+"""Workload calls on each plan before it is timed, so compiling (and recompiling for new shapes) is not timed."""
+
 BUILD_ERRORS = (VerificationError, ValueError, TypeError, RuntimeError, NotImplementedError, ImportError,
                 AssertionError)
 
@@ -118,6 +121,8 @@ class Search:
         if not self.lossy and self.workload.exact and not self.same_tokens(model):
             self.rows.append(PlanRow(plan.name, "generate() tokens differ", error=err, size_mb=size))
             return None
+        for _ in range(WARMUP_CALLS):  # compiled plans compile here (a decoder's generate() recompiles as it grows)
+            self.workload.run(model)
         ms, ratio, spread = self.time(model)
         row = PlanRow(plan.name, "ok", ms, spread, ratio, err, size, kept)
         self.rows.append(row)
