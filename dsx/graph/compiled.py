@@ -20,6 +20,8 @@ from dsx.graph.backend import DsxBackend
 from dsx.graph.pass_manager import resolve
 
 _IDS = itertools.count()
+REDUCED = 0.1
+"""The least tolerance of a compiled model with quantized or half-precision layers (int8's default)."""
 
 
 def _entry() -> types.FunctionType:
@@ -58,8 +60,8 @@ class Compile(Transform):
 
     ``passes`` as for the backend (None: the device default); ``dynamic`` as for ``torch.compile`` (None: compile
     for the first shapes, then generalize when they change). A model with quantized or bf16 / fp16 layers is held
-    to 2e-2 instead of fp32's 1e-4: inductor reorders float math, which can move a value across an int8 rounding
-    step or a half-precision ulp.
+    to its quantize step's tolerance (at least ``REDUCED``) instead of fp32's 1e-4: inductor reorders float math, which
+    can move a value across an int8 rounding step or a half-precision ulp, and later layers amplify that.
     """
 
     name = "compile"
@@ -74,13 +76,15 @@ class Compile(Transform):
         resolve(self.passes)
         if self.dynamic is not None and not isinstance(self.dynamic, bool):
             raise TypeError(f"dynamic: expected True, False or None, got {self.dynamic!r}")
-        self._reduced = False
+        self._reduced: float | None = None
 
     def tolerance_for(self, dtype: torch.dtype) -> float:
-        return max(super().tolerance_for(dtype), 2e-2) if self._reduced else super().tolerance_for(dtype)
+        return max(super().tolerance_for(dtype), self._reduced or 0.0)
 
     def apply(self, model: nn.Module, inputs: Inputs | None) -> tuple[nn.Module, dict[str, Any]]:
-        self._reduced = any(e["transform"] == "quantize" for e in getattr(model, HISTORY_ATTR, []))
+        steps = [e for e in getattr(model, HISTORY_ATTR, []) if e["transform"] == "quantize"]
+        self._reduced = max([REDUCED, *((e.get("error") or {}).get("tolerance") or 0.0 for e in steps)]) if steps \
+            else None
         if is_compiled(model):
             raise ValueError("compile: the model is already compiled; compile the uncompiled model")
         model._compiled_call_impl = CompiledCall(model, self.passes, self.dynamic)

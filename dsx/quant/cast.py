@@ -22,10 +22,12 @@ def _cast_tree(tree: Any, src: tuple[torch.dtype, ...], dst: torch.dtype) -> Any
     return pytree.tree_map(lambda x: x.to(dst) if isinstance(x, torch.Tensor) and x.dtype in src else x, tree)
 
 
+FULL = (torch.float32, torch.float64)
+
+
 def _cast_inputs(dtype: torch.dtype, module: nn.Module, args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    return _cast_tree(args, (torch.float32, torch.float64), dtype), _cast_tree(kwargs, (torch.float32,
-                                                                                       torch.float64), dtype)
+    return _cast_tree(args, FULL, dtype), _cast_tree(kwargs, FULL, dtype)
 
 
 def _cast_outputs(dtype: torch.dtype, back: torch.dtype, module: nn.Module, args: Any, kwargs: Any,
