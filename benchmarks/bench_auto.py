@@ -135,7 +135,7 @@ def bench_bert(small: bool, iters: int, bar: tqdm, tmp: Path, budget_s: float) -
     base = ms["fp32 eager"]
     return [[n, ms.get(n, "-"), f"{base / ms[n]:.2f}x" if n in ms else "-",
              f"{cosine[n]:.5f}" if n in cosine else "-", notes.get(n, "")]
-            for n in [*fns, *(n for n in notes if n not in fns)]]
+            for n in dict.fromkeys([*fns, *notes, *ms])]
 
 
 def bench_llama(small: bool, iters: int, bar: tqdm, budget_s: float) -> list[list[Any]]:

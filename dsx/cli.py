@@ -300,7 +300,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = command("demo", _demo, "run dsx.optimize's search on built-in models and print what it picked")
     demo.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    demo.add_argument("--budget-s", type=_positive_float, default=8.0, help="seconds each search may spend")
+    demo.add_argument("--budget-s", type=_positive_float, default=4.0, help="seconds each search may spend")
     command("passes", _passes, "list the graph passes in run order")
     return p
 

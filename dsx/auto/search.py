@@ -102,7 +102,7 @@ class Search:
 
     def time(self, model: nn.Module) -> tuple[float, float, float]:
         """(candidate ms, speed-up over the original, spread), measured side by side."""
-        ref_ms, ms, ratio, spread = paired_ms(lambda: self.workload.run(self.base), lambda: self.workload.run(model),
+        _, ms, ratio, spread = paired_ms(lambda: self.workload.run(self.base), lambda: self.workload.run(model),
                                               rounds=self.rounds)
         return ms, ratio, spread
 
