@@ -24,8 +24,9 @@ from dsx.quant import Convert, Quantize, convert, quantize
 __version__ = "0.1.0"
 
 __all__ = [
-    "Captured", "Compile", "Compose", "Convert", "Distill", "Fuse", "MakePermanent", "Prune", "PruningSchedule", "Quantize",
-    "Report", "Sparsify", "Summary", "Transform", "VerificationError", "available_passes", "capture", "compile_backend",
-    "compose", "convert", "distill", "export", "from_recipe", "fusions", "history", "load", "make_permanent",
-    "optimize", "parallel", "prune", "quantize", "report", "save", "sparsify", "summary", "to_recipe",
+    "Captured", "Compile", "Compose", "Convert", "Distill", "Fuse", "MakePermanent", "Prune", "PruningSchedule",
+    "Quantize", "Report", "Sparsify", "Summary", "Transform", "VerificationError", "available_passes", "capture",
+    "compile_backend", "compose", "convert", "distill", "export", "from_recipe", "fusions", "history", "load",
+    "make_permanent", "optimize", "parallel", "prune", "quantize", "report", "save", "sparsify", "summary",
+    "to_recipe",
 ]

@@ -74,7 +74,8 @@ class Quantize(Transform):
     float. ``calibration`` (an iterable of batches) sets static activation scales and feeds the accuracy
     budget: with ``max_error`` the most sensitive layers stay float until the output error is within it, measured
     by ``metric``: ``"max_rel"`` (max relative error), ``"cosine"`` (1 - the smallest cosine similarity between an
-    output row and the original's) or a callable ``metric(model) -> float`` on your own data. ``qat=True`` inserts fake-quant modules to train; ``dsx.convert`` then yields the int8 model.
+    output row and the original's) or a callable ``metric(model) -> float`` on your own data. ``qat=True`` inserts
+    fake-quant modules to train; ``dsx.convert`` then yields the int8 model.
     ``layers`` names exactly the modules to quantize (the history records it, and ``dsx.load`` replays it).
 
     Distributed (``distributed=None``: automatic when ``torch.distributed`` is initialized with more than one rank
