@@ -41,34 +41,24 @@ def _positive(text: str) -> int:
     return n
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
+def _float_type(ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+    """An argparse type: the text as a float for which ``ok`` holds, else an error saying ``expected``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")  # fails every bound
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+_fraction = _float_type(lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+_non_negative = _float_type(lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+_positive_float = _float_type(lambda v: 0 < v < float("inf"), "a positive number")
 
 
 def _bar(args: argparse.Namespace, desc: str, steps: int) -> tqdm:

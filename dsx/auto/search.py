@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from dsx.auto.plans import Plan
 from dsx.auto.workload import Workload
 from dsx.core.compose import compose
-from dsx.core.inputs import Inputs, run_model
+from dsx.core.inputs import Inputs, model_device, run_model
 from dsx.core.report import PlanRow, Report
 from dsx.core.timing import paired_ms
 from dsx.core.transform import METRICS, VerificationError, compare_outputs, eval_mode, history
@@ -162,7 +162,7 @@ class Search:
             model = best.model
         spent = time.perf_counter() - self.start
         notes.append(f"search took {spent:.1f} s")
-        device = next((t.device.type for t in (*self.base.parameters(), *self.base.buffers())), "cpu")
+        device = model_device(self.base).type
         name = self.metric if isinstance(self.metric, str) else "callable metric"
         return model, Report(self.rows, name if self.lossy else "max_rel", self.budget if self.lossy else None,
                              device, self.workload.describe, notes)
