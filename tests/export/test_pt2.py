@@ -121,3 +121,77 @@ def test_without_verification_and_missing_file(tmp_path):
     assert result.path.is_file() and result.max_rel is None and str(result).endswith("(not verified)")
     with pytest.raises(FileNotFoundError, match="nope.pt2"):
         load_pt2(tmp_path / "nope.pt2")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _rewrite(src, dst, replace):
+    """Copy the zip archive ``src`` to ``dst`` with ``replace(name, data) -> data`` applied to each member."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, replace(info.filename, zin.read(info.filename)))
+
+
+def _pickled(obj):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("member", ["sample_inputs", "pickled_weight", "opaque_object", "compiled_code"])
+def test_crafted_archive_is_refused_and_runs_nothing(tmp_path, member):
+    good = export_pt2(mlp(), torch.randn(2, 8), tmp_path / "good.pt2").path
+    marker = tmp_path / "pwned"
+    payload = _pickled(_RunsCode(marker))
+    evil = tmp_path / "evil.pt2"
+
+    def replace(name, data):
+        if member == "sample_inputs" and "sample_inputs/" in name:
+            return payload
+        if member == "pickled_weight" and name.endswith("_weights_config.json"):
+            config = __import__("json").loads(data)
+            next(iter(config["config"].values()))["use_pickle"] = True
+            return __import__("json").dumps(config).encode()
+        if member == "pickled_weight" and name.endswith("weight_0"):
+            return payload
+        return data
+
+    _rewrite(good, evil, replace)
+    if member in ("opaque_object", "compiled_code"):
+        extra = "data/constants/opaque_obj_0" if member == "opaque_object" else "data/aotinductor/model/m.so"
+        with zipfile.ZipFile(evil, "a") as z:
+            z.writestr(f"{zipfile.ZipFile(good).namelist()[0].split('/')[0]}/{extra}", payload)
+    with pytest.raises(ValueError, match="load_pt2: .*(refused|pickled Python object|compiled AOTInductor)"):
+        load_pt2(evil)
+    assert not marker.exists()
+    assert load_pt2(good)(torch.ones(2, 8)).shape == (2, 4)
+    if member == "sample_inputs":  # the crafted file is a real exploit: plain torch.export.load runs it
+        try:
+            torch.export.load(evil)
+        except Exception:
+            pass
+        assert marker.exists()
+
+
+def test_crafted_archive_is_refused_by_the_cli(tmp_path):
+    good = export_pt2(mlp(), torch.randn(2, 8), tmp_path / "good.pt2").path
+    marker = tmp_path / "pwned"
+    _rewrite(good, tmp_path / "evil.pt2",
+             lambda name, data: _pickled(_RunsCode(marker)) if "sample_inputs/" in name else data)
+    proc = subprocess.run([sys.executable, "-m", "dsx", "export", str(tmp_path / "evil.pt2"), str(tmp_path / "o.onnx"),
+                           "--input-shape", "2,8"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "refused" in proc.stderr
+    assert not marker.exists()
+
+
+def test_not_a_pt2_archive(tmp_path):
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a .pt2 archive"):
+        load_pt2(tmp_path / "junk.pt2")
