@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 
 from dsx.core.transform import history
 from dsx.parallel.calibration import distributed_active
+from dsx.parallel.safe_dcp import SafeLoadPlanner, SafeReader, check_entries
 
 META = "dsx_checkpoint.json"
 FORMAT, VERSION = "dsx-checkpoint", 1
@@ -61,11 +62,11 @@ def _everywhere(error: str | None, group: Any) -> None:
             raise ValueError(message if len(errors) == 1 else f"rank {rank}: {message}")
 
 
-def _dcp(fn: Callable[..., Any], state: dict[str, Any], ckpt: Path, group: Any) -> None:
+def _dcp(fn: Callable[..., Any], state: dict[str, Any], ckpt: Path, group: Any, **kwargs: Any) -> None:
     """``dcp.save`` / ``dcp.load`` across the group's ranks, or in this process alone (without DCP's warning)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        fn(state, checkpoint_id=ckpt, process_group=group, no_dist=not distributed_active(None, group))
+        fn(state, checkpoint_id=ckpt, process_group=group, no_dist=not distributed_active(None, group), **kwargs)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -180,7 +181,12 @@ def _resolve(path: Path) -> tuple[Path, dict[str, Any]]:
 
 def _mismatch(ckpt: Path, meta: dict[str, Any], model: nn.Module, state: dict[str, Any]) -> str | None:
     """Why the checkpoint's tensors do not fit ``state`` (the model's, and the optimizer's), None when they do."""
-    saved = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    try:  # a refusal is a message, so every rank raises it together
+        dcp_meta = SafeReader(ckpt).read_metadata()
+        check_entries(ckpt, dcp_meta)
+    except ValueError as e:
+        return str(e)
+    saved = dcp_meta.state_dict_metadata
     problems = []
     ours = {f"model.{k}": v for k, v in state["model"].items()}
     theirs = {k for k in saved if k.startswith("model.")}
@@ -235,7 +241,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         if with_optimizer:
             optimizer.load_state_dict(before)
         raise
-    _dcp(dcp.load, state, ckpt, process_group)
+    _dcp(dcp.load, state, ckpt, process_group, storage_reader=SafeReader(ckpt), planner=SafeLoadPlanner())
     if with_optimizer:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:

@@ -238,3 +238,76 @@ def test_a_killed_ddp_job_resumes_bit_exactly(tmp_path):
     unsharded = dsx.prune(_mlp(), 0.5)
     load_checkpoint(sharded, unsharded)  # resharded: from 2 FSDP ranks into one plain module
     _assert_same(unsharded.state_dict(), saved)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _saved_step(tmp_path):
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    _step(model, opt, 0)
+    return model, opt, save_checkpoint(tmp_path / "ckpt", model, opt, step=1)
+
+
+def test_a_crafted_metadata_file_is_refused_and_runs_nothing(tmp_path):
+    import pickle
+
+    model, opt, ckpt = _saved_step(tmp_path)
+    marker = tmp_path / "pwned"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"load_checkpoint: .*\.metadata refused: posix\.system|os\.system"):
+        load_checkpoint(tmp_path / "ckpt", model, opt)
+    assert not marker.exists()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_shard_path_outside_the_checkpoint_is_refused(tmp_path):
+    import pickle
+
+    from dsx.parallel.safe_dcp import load_metadata
+
+    model, opt, ckpt = _saved_step(tmp_path)
+    meta = load_metadata((ckpt / ".metadata").read_bytes(), "x")
+    info = next(iter(meta.storage_data.values()))
+    info.relative_path = "../../outside.distcp"
+    with pytest.raises(ValueError, match="leaves the checkpoint"):
+        load_metadata(pickle.dumps(meta), ".metadata")
+
+
+def test_a_crafted_non_tensor_entry_is_refused_and_runs_nothing(tmp_path):
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from dsx.parallel.safe_dcp import SafeLoadPlanner, load_metadata
+
+    model, opt, ckpt = _saved_step(tmp_path)
+    meta = load_metadata((ckpt / ".metadata").read_bytes(), "x")
+    fqn = next(k for k, v in meta.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+    info = next(v for k, v in meta.storage_data.items() if k.fqn == fqn)
+    shard = ckpt / info.relative_path
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save(_RunsCode(marker), buf)
+    info.offset, info.length = shard.stat().st_size, len(buf.getvalue())
+    with open(shard, "ab") as f:  # the crafted entry goes at the end of the shard, the metadata points at it
+        f.write(buf.getvalue())
+    (ckpt / ".metadata").write_bytes(pickle.dumps(meta))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"load_checkpoint: the entry {fqn} refused.*nothing was loaded"):
+        load_checkpoint(tmp_path / "ckpt", model, opt)
+    assert not marker.exists()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with pytest.raises(CheckpointException, match="refused"):  # the planner refuses too, should the file change
+        torch.distributed.checkpoint.load({"optim": {"param_groups": [{"lr": 0.0}]}}, checkpoint_id=ckpt,
+                                          planner=SafeLoadPlanner(), no_dist=True)
+    assert not marker.exists()
