@@ -9,6 +9,7 @@ compares like with like for any world size ``N``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,8 @@ class CommStats:
     bytes_sent: int = 0
     bytes_uncompressed: int = 0
     steps: int = 0
+    nonfinite_buckets: int = 0
+    """Buckets that held inf / NaN: sent as NaN at those entries, their error-feedback residual reset to zero."""
 
     @property
     def ratio(self) -> float:
@@ -45,24 +48,33 @@ class CommStats:
                 f"uncompressed ({self.ratio:.2f}x) over {self.steps} steps on {self.world_size} ranks")
 
 
+NONFINITE = -128
+"""The int8 code of an inf / NaN entry (finite values use -127..127): it decodes to NaN."""
+
+
 def quantize_int8(x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one fp32 scale (absmax / 127) per ``chunk`` elements of the last dim (the last may be short).
 
+    The scales cover the finite entries only; an inf / NaN entry gets the code ``NONFINITE`` (decoded as NaN), so it
+    reaches the optimizer (and GradScaler) as non-finite without spoiling the rest of its chunk.
     Returns ``(q, scales)``: ``q`` int8 of ``x``'s shape, ``scales`` of shape ``(..., ceil(L / chunk))``.
     """
     length = x.shape[-1]
     chunks = -(-length // chunk)
     blocks = F.pad(x.float(), (0, chunks * chunk - length)).view(*x.shape[:-1], chunks, chunk)
-    scales = blocks.abs().amax(-1) / 127
+    finite = torch.isfinite(blocks)
+    scales = blocks.abs().masked_fill_(~finite, 0).amax(-1) / 127
     q = torch.round(blocks / scales.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)).clamp_(-127, 127)
+    q = q.masked_fill_(~finite, NONFINITE)
     return q.to(torch.int8).view(*x.shape[:-1], chunks * chunk)[..., :length], scales
 
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The fp32 tensor ``quantize_int8`` encoded as ``(q, scales)``."""
+    """The fp32 tensor ``quantize_int8`` encoded as ``(q, scales)`` (NaN where it was not finite)."""
     length = q.shape[-1]
     blocks = F.pad(q.float(), (0, scales.shape[-1] * chunk - length)).view(*scales.shape, chunk)
-    return (blocks * scales.unsqueeze(-1)).view(*q.shape[:-1], -1)[..., :length]
+    out = (blocks * scales.unsqueeze(-1)).masked_fill_(blocks == NONFINITE, float("nan"))
+    return out.view(*q.shape[:-1], -1)[..., :length]
 
 
 def topk_compress(x: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +134,17 @@ class _Hook:
         self.stats.bytes_sent += sent
         self.stats.bytes_uncompressed += _allreduce_bytes(buffer.numel() * buffer.element_size(), self.world)
         self.stats.steps += bucket.is_last()
+
+    def finite(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is all finite; when not, count it and warn once (its residual must then be reset)."""
+        if bool(torch.isfinite(x).all()):
+            return True
+        self.stats.nonfinite_buckets += 1
+        if self.stats.nonfinite_buckets == 1:
+            warnings.warn(f"compress_gradients({self.stats.spec!r}): a gradient bucket held inf / NaN; those entries "
+                          "are sent as NaN and the bucket's error-feedback residual is reset (counted in "
+                          "CommStats.nonfinite_buckets)", RuntimeWarning, stacklevel=2)
+        return False
 
     def __call__(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         """World size 1: nothing to exchange, the bucket is already the average (bytes stay 0)."""
@@ -184,7 +207,8 @@ class _Int8(_Hook):
         shards = F.pad(grad, (0, shard * world - numel)).view(world, shard)
         q, scales = quantize_int8(shards, self.chunk)
         if ef:
-            self.residuals[key] = (shards - dequantize_int8(q, scales, self.chunk)).flatten()[:numel]
+            self.residuals[key] = ((shards - dequantize_int8(q, scales, self.chunk)).flatten()[:numel]
+                                   if self.finite(grad) else torch.zeros_like(grad))
         send = self.pack(q, scales)
         received = torch.empty_like(send)
         self.count(bucket, 2 * (world - 1) * send.shape[1])
@@ -196,7 +220,8 @@ class _Int8(_Hook):
             mean += _residual(self.shard_residuals, key, mean)
         q, scales = quantize_int8(mean, self.chunk)
         if ef:
-            self.shard_residuals[key] = mean - dequantize_int8(q, scales, self.chunk)
+            finite = bool(torch.isfinite(mean).all())
+            self.shard_residuals[key] = mean - dequantize_int8(q, scales, self.chunk) if finite else mean.zero_()
         mine = self.pack(q, scales)
         gathered = [torch.empty_like(mine) for _ in range(world)]
 
@@ -220,10 +245,11 @@ class _TopK(_Hook):
         grad = buffer.to(torch.float32, copy=True)
         if self.error_feedback:
             grad += _residual(self.residuals, key, grad)
+            finite = self.finite(grad)
         values, indices = topk_compress(grad, self.fraction)
         if self.error_feedback:
             grad[indices.long()] = 0
-            self.residuals[key] = grad
+            self.residuals[key] = grad if finite else torch.zeros_like(grad)
         k = values.numel()
         mine = torch.cat([values.view(torch.int32), indices])
         gathered = [torch.empty_like(mine) for _ in range(world)]
@@ -275,6 +301,8 @@ def compress_gradients(ddp_model: DistributedDataParallel, spec: str, *, error_f
     ``error_feedback`` keeps each bucket's compression residual and adds it back the next step: default on for top-k
     and PowerSGD, off for int8, unsupported for fp16/bf16. ``process_group`` defaults to the model's own group.
     At world size 1 the hook passes buckets through unchanged and counts 0 bytes. Register once per model.
+    A bucket holding inf / NaN arrives with NaN at those entries (int8, top-k; for GradScaler to skip the step), and
+    its error-feedback residual is reset rather than kept (``CommStats.nonfinite_buckets``, one warning).
     """
     name, options = parse_spec(spec)
     if error_feedback and name in ("fp16", "bf16"):

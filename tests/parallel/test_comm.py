@@ -187,6 +187,63 @@ def test_int8_roundtrip_is_within_half_a_step_per_chunk():
     assert flat_scales.shape == (3,) and torch.equal(flat_scales[2], x[0, 2048:].abs().max() / 127)
 
 
+def test_int8_sends_non_finite_entries_as_nan_without_spoiling_their_chunk():
+    x = torch.randn(2, 64)
+    bad = x.clone()
+    bad[0, 3], bad[1, 10], bad[1, 11] = float("inf"), float("nan"), float("-inf")
+    q, scales = quantize_int8(bad, 32)
+    assert torch.equal(scales, quantize_int8(x.masked_fill(~torch.isfinite(bad), 0), 32)[1])
+    out = dequantize_int8(q, scales, 32)
+    assert torch.isnan(out[~torch.isfinite(bad)]).all() and torch.isfinite(out[torch.isfinite(bad)]).all()
+    good = dequantize_int8(*quantize_int8(x, 32), 32)
+    same_scale = (scales == quantize_int8(x, 32)[1]).repeat_interleave(32, -1)
+    finite = torch.isfinite(bad) & same_scale
+    assert torch.equal(out[finite], good[finite])
+
+
+def _inf_at_step_one(rank: int, world: int) -> dict[str, tuple[int, int, bool, int]]:
+    """Per hook with error feedback: an inf in one gradient entry of rank 0 at step 1, the step skipped as
+    GradScaler would; returns (non-finite gradient entries at step 1, at later steps, parameters finite, buckets
+    counted non-finite)."""
+    import warnings
+
+    out = {}
+    for spec in ("int8:chunk=64", "topk:0.05"):
+        torch.manual_seed(0)
+        model = DDP(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stats = compress_gradients(model, spec, error_feedback=True)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            torch.manual_seed(rank + 1)
+            first, later = 0, 0
+            for step in range(6):
+                opt.zero_grad()
+                x = torch.randn(16, 32)
+                if step == 1 and rank == 0:
+                    x[0, 0] = float("inf")
+                model(x).square().mean().backward()
+                bad = sum(int((~torch.isfinite(p.grad)).sum()) for p in model.parameters())
+                if step == 1:
+                    first = bad
+                elif step > 1:
+                    later += bad
+                if bad == 0:
+                    opt.step()
+        warned = sum("held inf / NaN" in str(w.message) for w in caught)
+        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        out[spec] = (first, later, finite, stats.nonfinite_buckets, warned)
+    return out
+
+
+def test_error_feedback_recovers_from_one_inf_gradient():
+    for rank, result in enumerate(run_distributed(_inf_at_step_one)):
+        for spec, (first, later, finite, counted, warned) in result.items():
+            assert first > 0, spec  # the inf reached every rank (the optimizer sees it and the step is skipped)
+            assert later == 0 and finite, spec  # ... and never again: the residual did not keep it
+            assert counted >= (1 if rank == 0 else 0) and warned <= 1, spec
+
+
 def test_topk_keeps_the_largest_magnitudes_and_decompress_sums_ranks():
     x = torch.tensor([0.1, -5.0, 0.3, 2.0, -0.2, 0.0, 4.0, 0.05, -1.0, 0.4])
     values, indices = topk_compress(x, 0.3)
