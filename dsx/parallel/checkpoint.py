@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
+from dsx.core.atomic import commit, write_bytes
 from dsx.core.transform import history
 from dsx.parallel.calibration import distributed_active
 from dsx.parallel.safe_dcp import SafeLoadPlanner, SafeReader, check_entries
@@ -79,28 +80,10 @@ def _check_step(step: Any) -> int:
     return step
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _commit(tmp: Path, final: Path, meta: dict[str, Any]) -> Path:
-    """Write the metadata into ``tmp``, then rename ``tmp`` to ``final`` (replacing an older ``final``)."""
-    with open(tmp / META, "w") as f:
-        json.dump(meta, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    """Write the metadata into ``tmp``, then swap ``tmp`` in as ``final`` (replacing an older ``final``)."""
+    write_bytes(tmp / META, json.dumps(meta, indent=2).encode())
+    return commit(tmp, final)
 
 
 def _prepare(path: Path, tmp: Path) -> None:

@@ -3,6 +3,7 @@
 import json
 import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +223,76 @@ def test_non_json_history_is_refused(tmp_path):
         save(model, tmp_path / "bad")
     with pytest.raises(TypeError, match="nn.Module"):
         save("model", tmp_path / "bad")
+
+
+class Crash(BaseException):
+    """A process dying mid-save (BaseException: no ``except Exception`` in dsx may swallow it)."""
+
+
+def _write_points(monkeypatch, crash_at):
+    """Make the ``crash_at``-th write step of a save (weights, fsync, metadata, rename) raise ``Crash``; returns the
+    list the steps are counted in."""
+    import os
+
+    import dsx.core.atomic as atomic
+    import dsx.core.serialize as serialize
+
+    calls = []
+
+    def counted(fn):
+        def step(*args, **kwargs):
+            calls.append(fn.__name__)
+            if len(calls) - 1 == crash_at:
+                if fn.__name__ in ("save_model", "write_bytes"):  # torn: half a file reached the disk
+                    Path(args[1] if fn.__name__ == "save_model" else args[0]).write_bytes(b"torn")
+                raise Crash(fn.__name__)
+            return fn(*args, **kwargs)
+        return step
+
+    monkeypatch.setattr(serialize, "save_model", counted(serialize.save_model))
+    monkeypatch.setattr(atomic, "write_bytes", counted(atomic.write_bytes))
+    monkeypatch.setattr(serialize, "write_bytes", atomic.write_bytes)
+    monkeypatch.setattr(os, "fsync", counted(os.fsync))
+    monkeypatch.setattr(os, "rename", counted(os.rename))
+    return calls
+
+
+def test_a_crash_between_any_two_writes_leaves_a_complete_save(tmp_path, monkeypatch):
+    old, new = Net(), Net()
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(1.0)
+    save(old, tmp_path / "m")
+    with monkeypatch.context() as m:
+        calls = _write_points(m, crash_at=-1)
+        save(new, tmp_path / "m")  # replacing a save: weights, 3 fsyncs, metadata, 2 renames, fsync
+        steps = len(calls)
+    assert steps >= 6 and calls.count("rename") == 2
+    for crash_at in range(steps):
+        save(old, tmp_path / "m")
+        with monkeypatch.context() as m:
+            _write_points(m, crash_at)
+            with pytest.raises(Crash):
+                save(new, tmp_path / "m")
+        got = load(Net(), tmp_path / "m")
+        assert_same_state(got, old) if torch.equal(got.fc1.weight, old.fc1.weight) else assert_same_state(got, new)
+        save(new, tmp_path / "m")  # the next save recovers and replaces it
+        assert_same_state(load(Net(), tmp_path / "m"), new)
+        assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no partial or previous copy is left
+
+
+def test_save_refuses_a_foreign_directory_unless_overwrite(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="path: .* is a non-empty directory that is not a dsx save; pass overwrite"):
+        save(Net(), tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    save(Net(), tmp_path / "mine", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["dsx.json", "model.safetensors"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="path: .* is a file"):
+        save(Net(), tmp_path / "file")
+    with pytest.raises(TypeError, match="overwrite: expected True or False"):
+        save(Net(), tmp_path / "other", overwrite="yes")
+    (tmp_path / "empty").mkdir()
+    assert save(Net(), tmp_path / "empty") == tmp_path / "empty"
