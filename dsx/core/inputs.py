@@ -15,10 +15,15 @@ Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 def normalize_inputs(example_inputs: Any, *, name: str = "example_inputs") -> Inputs:
-    """Return ``(args, kwargs)`` for a Tensor, a tuple/list of args, or a dict of kwargs."""
+    """Return ``(args, kwargs)`` for a Tensor, a tuple/list of args, or a dict of kwargs.
+
+    Raises:
+        TypeError: another type, dict keys that are not names, or no tensor at all.
+        ValueError: a floating tensor holding NaN or inf.
+    """
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, (tuple, list)):
+        args, kwargs = (example_inputs,), {}
+    elif isinstance(example_inputs, (tuple, list)):
         args, kwargs = tuple(example_inputs), {}
     elif isinstance(example_inputs, dict):
         if not all(isinstance(k, str) for k in example_inputs):
@@ -31,7 +36,28 @@ def normalize_inputs(example_inputs: Any, *, name: str = "example_inputs") -> In
         )
     if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves((args, kwargs))):
         raise TypeError(f"{name}: must contain at least one Tensor")
+    check_finite((args, kwargs), name)
     return args, kwargs
+
+
+def check_finite(inputs: Inputs, name: str) -> None:
+    """Raise ``ValueError`` naming the first floating input of ``(args, kwargs)`` that holds NaN or inf: an error
+    measured on such inputs compares nothing."""
+    args, kwargs = inputs
+    for prefix, tree in (("args", args), ("kwargs", kwargs)):
+        for path, leaf in pytree.tree_flatten_with_path(tree)[0]:
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not bool(leaf.isfinite().all()):
+                bad = int((~leaf.isfinite()).sum())
+                raise ValueError(f"{name}: input {prefix}{pytree.keystr(path)} contains NaN or inf ({bad} of "
+                                 f"{leaf.numel()} values); pass finite inputs")
+
+
+def check_finite_parameters(model: nn.Module, name: str = "model") -> None:
+    """Raise ``ValueError`` naming the first parameter of ``model`` that holds NaN or inf."""
+    for pname, p in model.named_parameters():
+        if p.is_floating_point() and not bool(p.detach().isfinite().all()):
+            raise ValueError(f"{name}: parameter {pname!r} contains NaN or inf ({int((~p.isfinite()).sum())} of "
+                             f"{p.numel()} values); dsx transforms need finite weights")
 
 
 def check_module(model: Any, name: str = "model") -> nn.Module:

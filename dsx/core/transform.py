@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from dsx.core.inputs import Inputs, check_module, describe, normalize_inputs, run_model
+from dsx.core.inputs import Inputs, check_finite_parameters, check_module, describe, normalize_inputs, run_model
 
 HISTORY_ATTR = "_dsx_history"
 ORIGIN_ATTR = "_dsx_origin"
@@ -186,6 +186,7 @@ class Transform(abc.ABC):
 
     def __call__(self, model: nn.Module, example_inputs: Any = None) -> nn.Module:
         check_module(model)
+        check_finite_parameters(model)
         inputs = None if example_inputs is None else normalize_inputs(example_inputs)
         if inputs is None and self.needs_inputs:
             raise ValueError(f"{self.name}: example_inputs are required "

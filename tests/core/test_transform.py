@@ -159,3 +159,31 @@ def test_compare_outputs_and_model_device():
     with pytest.raises(VerificationError, match="nothing to compare"):
         compare_outputs(torch.ones(0, 4), torch.ones(0, 4))
     assert model_device(nn.ReLU()) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_inputs_and_weights_are_refused_up_front(bad):
+    model = nn.Linear(4, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 4)
+    x[1, 2] = bad
+    with pytest.raises(ValueError, match=r"example_inputs: input args\[0\] contains NaN or inf \(1 of 8 values\)"):
+        Scale(2.0)(model, x)
+    with pytest.raises(ValueError, match=r"example_inputs: input kwargs\['y'\] contains NaN or inf"):
+        Scale(2.0)(TwoIn(), {"x": torch.randn(2, 4), "y": torch.full((2, 3), bad)})
+    with torch.no_grad():
+        model.weight[0, 0] = bad
+    with pytest.raises(ValueError, match="model: parameter 'weight' contains NaN or inf"):
+        Scale(2.0)(model, torch.randn(2, 4))
+    assert torch.equal(model.bias, before["bias"])
+
+
+def test_a_model_whose_outputs_are_all_nan_or_empty_fails_verification():
+    class NaNOut(nn.Module):
+        def forward(self, x):
+            return x * float("nan")
+
+    with pytest.raises(VerificationError, match="nothing to compare"):
+        Scale(1.0)(NaNOut(), torch.randn(2, 4))
+    with pytest.raises(VerificationError, match="nothing to compare"):
+        Scale(1.0)(nn.Linear(4, 3), torch.randn(0, 4))
