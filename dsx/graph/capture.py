@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from dsx.core.inputs import Inputs, check_module, normalize_inputs, run_model
+from dsx.core.transform import eval_mode
 
 
 @dataclass
@@ -175,7 +176,14 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None
 
 def capture_inputs(model: nn.Module, inputs: Inputs, *, dynamic_shapes: Any = None, dynamic_batch: bool = False,
                    fixed_kwargs: dict[str, Any] | None = None) -> Captured:
-    """``capture`` for inputs already normalized to ``(args, kwargs)``."""
+    """``capture`` for inputs already normalized to ``(args, kwargs)``; a training-mode model is captured (and run)
+    in eval mode, so its BatchNorm statistics and mode flags are left as they were."""
+    with eval_mode(model):
+        return _capture_eval(model, inputs, dynamic_shapes, dynamic_batch, fixed_kwargs)
+
+
+def _capture_eval(model: nn.Module, inputs: Inputs, dynamic_shapes: Any, dynamic_batch: bool,
+                  fixed_kwargs: dict[str, Any] | None) -> Captured:
     fixed = dict(fixed_kwargs or {})
     notes = [f"captured with {fixed} fixed"] if fixed else []
     if dynamic_batch and dynamic_shapes is None:

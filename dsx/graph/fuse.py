@@ -42,13 +42,19 @@ class Fuse(Transform):
         """Keyword arguments baked into the capture: Hugging Face decoders run without a KV cache."""
         return {"use_cache": False} if accepts(model, "use_cache") and "use_cache" not in inputs[1] else {}
 
+    @staticmethod
+    def check_eval(model: nn.Module) -> None:
+        """Refuse a training-mode model before anything runs it (a forward would update its BatchNorm statistics)."""
+        if model.training:
+            raise ValueError("fuse: the model is in training mode; call model.eval() first (fusion is for inference)")
+
     def reference(self, model: nn.Module, inputs: Inputs) -> Any:
+        self.check_eval(model)
         args, kwargs = inputs
         return run_model(model, (args, {**kwargs, **self.fixed_kwargs(model, inputs)}))
 
     def apply(self, model: nn.Module, inputs: Inputs | None) -> tuple[nn.Module, dict[str, Any]]:
-        if model.training:
-            raise ValueError("fuse: the model is in training mode; call model.eval() first (fusion is for inference)")
+        self.check_eval(model)
         assert inputs is not None
         captured = capture_inputs(model, inputs, dynamic_batch=self.dynamic_batch,
                                   fixed_kwargs=self.fixed_kwargs(model, inputs))

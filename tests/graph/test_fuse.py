@@ -23,6 +23,25 @@ def test_fuse_refuses_training_mode():
         Fuse()(nn.Sequential(nn.Linear(2, 2)), torch.randn(1, 2))
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_refused_training_model_is_left_byte_identical(verify):
+    model = randomize_batchnorm(TinyResNet(width=8)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="fuse: the model is in training mode"):
+        Fuse(verify=verify)(model, torch.randn(2, 3, 16, 16))
+    assert model.training and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_capture_of_a_training_model_runs_it_in_eval_mode_and_leaves_it_unchanged():
+    model = randomize_batchnorm(TinyResNet(width=8)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 16, 16)
+    captured = dsx.capture(model, x)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    torch.testing.assert_close(captured.module(x), model.eval()(x))
+
+
 def test_fuse_from_a_recipe_and_back():
     c = dsx.from_recipe({"transforms": [{"fuse": {"passes": ["remove_dropout", "fold_batch_norm"]}}]})
     model = randomize_batchnorm(TinyResNet(width=8)).eval()
