@@ -62,7 +62,7 @@ class Search:
 
     def error(self, model: nn.Module) -> float:
         """The candidate's output error by the search's metric (max over the batches)."""
-        if callable(self.metric):
+        if callable(self.metric) and self.lossy:
             with eval_mode(model):
                 value = float(self.metric(model))
             if value != value:  # NaN
@@ -109,11 +109,14 @@ class Search:
     def try_plan(self, plan: Plan) -> Measured | None:
         """Build, check and time one plan; ``None`` (with its report row in ``rows``) when it does not qualify."""
         try:
-            model, err, kept = self.build(plan)
-        except BUILD_ERRORS as e:
+            return self._measure(plan)
+        except BUILD_ERRORS as e:  # a plan that fails to build, or later in its workload, is reported, not raised
             reason = (str(e).splitlines() or [""])[0]
             self.rows.append(PlanRow(plan.name, f"failed: {type(e).__name__}: {reason}"))
             return None
+
+    def _measure(self, plan: Plan) -> Measured | None:
+        model, err, kept = self.build(plan)
         size = state_bytes(model) / 1e6
         if not err <= self.budget:
             self.rows.append(PlanRow(plan.name, "over budget", error=err, size_mb=size, kept_float=kept))

@@ -25,9 +25,9 @@ def _cast_tree(tree: Any, src: tuple[torch.dtype, ...], dst: torch.dtype) -> Any
 FULL = (torch.float32, torch.float64)
 
 
-def _cast_inputs(dtype: torch.dtype, module: nn.Module, args: tuple[Any, ...],
+def _cast_inputs(dtype: torch.dtype, src: tuple[torch.dtype, ...], module: nn.Module, args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    return _cast_tree(args, FULL, dtype), _cast_tree(kwargs, FULL, dtype)
+    return _cast_tree(args, src, dtype), _cast_tree(kwargs, src, dtype)
 
 
 def _cast_outputs(dtype: torch.dtype, back: torch.dtype, module: nn.Module, args: Any, kwargs: Any,
@@ -52,8 +52,10 @@ def cast_float(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         in ``dtype`` back to the model's float dtype).
 
     Raises:
-        ValueError: ``model`` was already cast.
+        ValueError: ``dtype`` is not bf16 / fp16, or ``model`` was already cast.
     """
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype: expected torch.bfloat16 or torch.float16, got {dtype!r}")
     if compute_dtype(model) is not None:
         raise ValueError(f"dtype: the model already computes in {compute_dtype(model)}; cast the original model")
     floats = [t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()
@@ -72,7 +74,8 @@ def cast_float(model: nn.Module, dtype: torch.dtype) -> nn.Module:
                 t.data = t.data.to(dtype)
             else:
                 m._buffers[name] = t.to(dtype)
-    model.register_forward_pre_hook(functools.partial(_cast_inputs, dtype), with_kwargs=True)
+    src = tuple({*FULL, back} - {dtype})  # what callers pass: full precision, or the model's own dtype
+    model.register_forward_pre_hook(functools.partial(_cast_inputs, dtype, src), with_kwargs=True)
     model.register_forward_hook(functools.partial(_cast_outputs, dtype, back), with_kwargs=True)
     setattr(model, CAST_ATTR, dtype)
     return model
