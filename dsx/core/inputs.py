@@ -5,6 +5,7 @@ Accepted forms: a Tensor, a tuple/list of positional arguments, or a dict of key
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -94,15 +95,30 @@ def describe(inputs: Inputs) -> dict[str, Any]:
     return {"leaves": out, "tree": pytree.treespec_dumps(spec)}
 
 
+MAX_SYNTHESIZED = 1 << 28
+"""The most elements one synthesized input may hold (1 GiB of fp32)."""
+
+
 def synthesize(desc: dict[str, Any], device: torch.device | str = "cpu") -> Inputs:
-    """Inputs matching a ``describe`` spec: zeros for integer/bool tensors, standard normal for floats."""
+    """Inputs matching a ``describe`` spec: zeros for integer/bool tensors, standard normal for floats.
+
+    Raises:
+        ValueError: a spec (read from a file) naming something other than a torch dtype, a shape that is not a list
+            of sizes, or more than ``MAX_SYNTHESIZED`` elements.
+    """
     gen = torch.Generator().manual_seed(0)
     leaves = []
     for leaf in desc["leaves"]:
         if "value" in leaf:
             leaves.append(leaf["value"])
             continue
-        dtype = getattr(torch, leaf["dtype"])
+        dtype, shape = getattr(torch, str(leaf.get("dtype")), None), leaf.get("shape")
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"inputs: {leaf.get('dtype')!r} is not a torch dtype")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise ValueError(f"inputs: shape {shape!r} is not a list of non-negative sizes")
+        if math.prod(shape) > MAX_SYNTHESIZED:
+            raise ValueError(f"inputs: shape {shape} has more than {MAX_SYNTHESIZED} elements")
         if dtype.is_floating_point:
             t = torch.randn(leaf["shape"], generator=gen).to(dtype)
         else:

@@ -6,6 +6,7 @@ A save is written beside the target and swapped in by rename (``dsx.core.atomic`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -13,7 +14,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from dsx.core.atomic import commit, fsync_file, previous, recover, start, write_bytes
@@ -90,20 +93,86 @@ def _read_meta(path: Path) -> dict[str, Any]:
             raise FileNotFoundError(f"load: {path / name} not found (expected a directory written by dsx.save)")
     try:
         meta = json.loads((path / META).read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"load: {path / META} is not valid JSON: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"load: {path / META} is not a dsx save (format {FORMAT!r}, version {VERSION})")
+    expected = {"origin": str, "training": bool, "history": list}
+    for key, kind in expected.items():
+        if not isinstance(meta.get(key), kind):
+            raise ValueError(f"load: {path / META}: {key!r} is missing or not a {kind.__name__}")
+    for i, entry in enumerate(meta["history"]):
+        if not (isinstance(entry, dict) and isinstance(entry.get("transform"), str)
+                and isinstance(entry.get("config"), dict) and isinstance(entry.get("inputs"), (dict, type(None)))):
+            raise ValueError(f"load: {path / META}: history entry {i} needs 'transform' (a name), 'config' (an "
+                             "object) and 'inputs' (an object or null)")
     return meta
 
 
-def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Rebuild a model saved by ``save``: replay its transforms on ``model`` and load the weights.
+def saved_dtypes(path: Path) -> dict[str, torch.dtype]:
+    """The dtype of every tensor in a safetensors file, read from its header.
 
-    ``model`` must be a fresh instance of the original architecture (same class, dtype and device); it is
-    consumed: the transforms are applied to it in place.
+    Raises:
+        ValueError: the file is corrupt or truncated.
+    """
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"load: {path} is corrupt or truncated ({e}); it cannot be read as safetensors") from None
+
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _check_dtypes(model: nn.Module, path: Path, dtype: torch.dtype | None) -> None:
+    """Refuse saved floating tensors whose dtype differs from the rebuilt model's, unless ``dtype`` names the
+    model's dtype (then they are converted)."""
+    saved = saved_dtypes(path)
+    for name, t in model.state_dict().items():
+        got = DTYPES.get(saved.get(name, ""))
+        if got is None or not t.is_floating_point() or got == t.dtype or t.dtype == dtype:
+            continue
+        raise ValueError(f"load: {path} holds {name} as {got}, the rebuilt model has {t.dtype}; build the model in "
+                         f"{got}, or pass dtype={t.dtype} to convert the saved tensors")
+
+
+def _replay(model: nn.Module, meta: dict[str, Any], where: Path) -> nn.Module:
+    for i, entry in enumerate(meta["history"]):
+        try:
+            step = dataclasses.replace(Transform.from_config(entry["transform"], entry["config"]), verify=False,
+                                       inplace=True, replay=True)
+            inputs = None
+            if entry["inputs"] is not None:
+                args, kwargs = synthesize(entry["inputs"], device=model_device(model))
+                inputs = kwargs or args
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise ValueError(f"load: {where}: history entry {i} ({entry['transform']}) cannot be replayed: "
+                             f"{type(e).__name__}: {e}") from None
+        model = step(model, inputs)
+    return model
+
+
+def load(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a model saved by ``save``: replay its transforms on a copy of ``model`` and load the weights.
+
+    Args:
+        model: a fresh instance of the original architecture (same class, dtype and device); it is left unchanged,
+            also when loading fails.
+        path: the directory ``save`` wrote.
+        dtype: the model's floating dtype when it differs from the saved one: the saved tensors are converted to
+            it (without ``dtype`` such a mismatch is an error, so no precision is lost silently).
+
+    Returns:
+        The rebuilt model.
+
+    Raises:
+        FileNotFoundError: no save at ``path``.
+        ValueError: a corrupt save, another architecture, a transformed ``model``, or weights that do not fit.
     """
     check_module(model)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
     path = Path(path)
     if not path.exists() and previous(path).is_dir():  # a save crashed between its two renames
         path = previous(path)
@@ -112,18 +181,13 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"load: {path} holds a {meta['origin']}, but the model given is a {origin(model)}")
     if history(model):
         raise ValueError("load: the model given was already transformed by dsx; pass a fresh instance")
-    model.train(meta["training"])
-    for entry in meta["history"]:
-        step = dataclasses.replace(Transform.from_config(entry["transform"], entry["config"]), verify=False,
-                                   inplace=True, replay=True)
-        inputs = None
-        if entry["inputs"] is not None:
-            args, kwargs = synthesize(entry["inputs"], device=model_device(model))
-            inputs = kwargs or args
-        model = step(model, inputs)
+    saved_dtypes(path / WEIGHTS)
+    model = copy.deepcopy(model).train(meta["training"])
+    model = _replay(model, meta, path / META)
+    _check_dtypes(model, path / WEIGHTS, dtype)
     try:
         load_model(model, str(path / WEIGHTS), strict=True, device=str(model_device(model)))
-    except RuntimeError as e:
+    except (RuntimeError, SafetensorError) as e:
         raise ValueError(f"load: the weights in {path / WEIGHTS} do not fit the rebuilt model: {e}") from e
     setattr(model, HISTORY_ATTR, list(meta["history"]))
     if meta.get("report") is not None:

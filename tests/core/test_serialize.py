@@ -296,3 +296,58 @@ def test_save_refuses_a_foreign_directory_unless_overwrite(tmp_path):
         save(Net(), tmp_path / "other", overwrite="yes")
     (tmp_path / "empty").mkdir()
     assert save(Net(), tmp_path / "empty") == tmp_path / "empty"
+
+
+def test_a_dtype_mismatch_is_refused_unless_dtype_is_given(tmp_path):
+    model = Net().double()
+    save(model, tmp_path / "m")
+    with pytest.raises(ValueError, match=r"holds fc1.weight as torch.float64, the rebuilt model has torch.float32"):
+        load(Net(), tmp_path / "m")
+    got = load(Net(), tmp_path / "m", dtype=torch.float32)
+    assert got.fc1.weight.dtype == torch.float32 and torch.equal(got.fc1.weight, model.fc1.weight.float())
+    with pytest.raises(TypeError, match="dtype: expected a floating torch.dtype"):
+        load(Net(), tmp_path / "m", dtype="float32")
+
+
+def test_a_failed_load_leaves_the_fresh_model_unchanged(tmp_path):
+    x = torch.randn(2, 8)
+    save(QuantizeLinears()(Net(), x), tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    fresh = Net()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match="model.safetensors is corrupt or truncated"):
+        load(fresh, tmp_path / "m")
+    assert history(fresh) == [] and all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+    save(QuantizeLinears()(Net(), x), tmp_path / "n")
+    meta = json.loads((tmp_path / "n" / "dsx.json").read_text())
+    weights = (tmp_path / "n" / "model.safetensors").read_bytes()
+    (tmp_path / "n" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load(fresh, tmp_path / "n")
+    (tmp_path / "n" / "model.safetensors").write_bytes(weights)
+    meta["history"][0]["config"] = {"no_such_field": 1}
+    (tmp_path / "n" / "dsx.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"history entry 0 \(ts_int8\) cannot be replayed: TypeError"):
+        load(fresh, tmp_path / "n")
+    assert history(fresh) == [] and type(fresh.fc1) is nn.Linear
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.pop("origin"), "'origin' is missing or not a str"),
+    (lambda m: m.update(training="yes"), "'training' is missing or not a bool"),
+    (lambda m: m.update(history={}), "'history' is missing or not a list"),
+    (lambda m: m["history"].append({"transform": 3}), "history entry 2 needs 'transform'"),
+    (lambda m: m["history"][0].update(transform="nope"), "unknown transform 'nope'"),
+    (lambda m: m["history"][0].update(inputs={"leaves": [{"dtype": "load", "shape": [2]}], "tree": "x"}),
+     "'load' is not a torch dtype"),
+    (lambda m: m["history"][0].update(inputs={"leaves": [{"dtype": "float32", "shape": [1 << 20, 1 << 20]}],
+                                              "tree": "x"}), "more than"),
+])
+def test_a_corrupt_dsx_json_is_a_clear_error(tmp_path, edit, match):
+    x = torch.randn(2, 8)
+    d = save(Calibrate()(QuantizeLinears()(Net().eval(), x), x), tmp_path / "m")
+    meta = json.loads((d / "dsx.json").read_text())
+    edit(meta)
+    (d / "dsx.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=match):
+        load(Net(), d)
