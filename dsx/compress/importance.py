@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from dsx.compress.depgraph import Claim, DepGraph, Group, tensor_leaves
-from dsx.core.inputs import Inputs, normalize_inputs
+from dsx.core.inputs import Inputs, take_batches
 from dsx.core.transform import eval_mode
 
 IMPORTANCES = ("l1", "l2", "taylor", "bn_scale")
@@ -82,7 +82,7 @@ def group_scores(model: nn.Module, graph: DepGraph, groups: list[Group], importa
         return [scores[id(g)] for g in groups]
     grads = None
     if importance == "taylor":
-        batches = [inputs] if calibration is None else (normalize_inputs(b, name="calibration") for b in calibration)
+        batches = [inputs] if calibration is None else take_batches(calibration)
         grads = _gradients(model, batches, {graph.claims[ci].tensor for ci in used})
     return _scores(params, graph, groups, used, importance, grads)
 

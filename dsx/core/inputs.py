@@ -6,6 +6,8 @@ Accepted forms: a Tensor, a tuple/list of positional arguments, or a dict of key
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -59,6 +61,28 @@ def check_finite_parameters(model: nn.Module, name: str = "model") -> None:
         if p.is_floating_point() and not bool(p.detach().isfinite().all()):
             raise ValueError(f"{name}: parameter {pname!r} contains NaN or inf ({int((~p.isfinite()).sum())} of "
                              f"{p.numel()} values); dsx transforms need finite weights")
+
+
+MAX_BATCHES = 256
+"""How many batches a calibration or importance pass reads from an iterable at most (an endless iterator stops)."""
+
+
+def take_batches(data: Iterable[Any], *, name: str = "calibration", max_batches: int = MAX_BATCHES) -> list[Inputs]:
+    """The first ``max_batches`` batches of ``data``, each normalized (and checked finite) like example inputs; a
+    warning when ``data`` held more.
+
+    Raises:
+        TypeError: a batch of an unsupported form.
+        ValueError: a batch holding NaN or inf.
+    """
+    batches: list[Inputs] = []
+    for i, batch in enumerate(data):
+        if i == max_batches:
+            warnings.warn(f"{name}: read the first {max_batches} batches and stopped (the data holds more, or is "
+                          "endless)", stacklevel=3)
+            break
+        batches.append(normalize_inputs(batch, name=f"{name} batch {i}"))
+    return batches
 
 
 def check_module(model: Any, name: str = "model") -> nn.Module:

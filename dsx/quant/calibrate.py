@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
-from dsx.core.inputs import Inputs, check_module, model_device, normalize_inputs, run_model
+from dsx.core.inputs import Inputs, check_module, model_device, run_model, take_batches
 from dsx.quant.observers import ChannelAbsMax, Observer, make_observer
 
 
@@ -34,7 +34,8 @@ def check_batches(data: Any, *, allow_empty: bool = False) -> list[Inputs]:
     ``data`` is an iterable (a list, a generator, a DataLoader) of batches, each a Tensor, a tuple/list of
     positional inputs or a dict of keyword inputs. Raises ``TypeError`` if ``data`` is not such an iterable or a
     batch has an unsupported form, ``ValueError`` if a floating input holds NaN or inf, or if it is empty (unless
-    ``allow_empty``: one rank of a distributed calibration may hold no batches).
+    ``allow_empty``: one rank of a distributed calibration may hold no batches). At most ``MAX_BATCHES`` are read
+    (a warning says when there were more), so an endless iterator cannot hang calibration.
     """
     if isinstance(data, (torch.Tensor, dict, str, bytes)) or not isinstance(data, Iterable):
         hint = "; wrap a single batch in a list: [batch]" if isinstance(data, (torch.Tensor, dict)) else ""
@@ -42,9 +43,7 @@ def check_batches(data: Any, *, allow_empty: bool = False) -> list[Inputs]:
             f"calibration data: expected an iterable of batches (a list, a generator, a DataLoader), "
             f"got {type(data).__name__}{hint}"
         )
-    batches = []
-    for i, batch in enumerate(data):
-        batches.append(normalize_inputs(batch, name=f"calibration batch {i}"))  # checks they are finite
+    batches = take_batches(data)
     if not batches and not allow_empty:
         raise ValueError("calibration: the calibration data is empty; pass at least one batch")
     return batches

@@ -250,3 +250,14 @@ def test_bad_plans_are_refused():
         prune(copy.deepcopy(model), x, plan={"c": 0})
     with pytest.raises(ValueError, match="'fc' cannot be pruned here: it reaches the model output"):
         prune(copy.deepcopy(model), x, plan={"fc": 3})
+
+
+@pytest.mark.timeout(120)
+def test_taylor_on_an_endless_calibration_iterator_stops_and_warns():
+    import itertools
+
+    from dsx.core.inputs import MAX_BATCHES
+
+    model, x = MODELS["mlp"]()
+    with pytest.warns(UserWarning, match=f"calibration: read the first {MAX_BATCHES} batches and stopped"):
+        prune(copy.deepcopy(model), x, 0.5, importance="taylor", calibration=itertools.repeat(x))

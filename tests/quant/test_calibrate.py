@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import dsx
 from dsx.quant.calibrate import Observers, check_batches, observe_inputs
 from dsx.quant.observers import MinMaxObserver, PercentileObserver
 
@@ -112,3 +113,17 @@ def test_observe_inputs_argument_errors():
     with pytest.raises(TypeError, match="model"):
         observe_inputs(lambda x: x, {"fc1": net.fc1}, batches(), progress=False)
     assert hook_count(net) == 0
+
+
+@pytest.mark.timeout(120)
+def test_an_endless_calibration_iterator_stops_and_warns():
+    import itertools
+
+    from dsx.core.inputs import MAX_BATCHES
+
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match=f"read the first {MAX_BATCHES} batches"):
+        batches = check_batches(itertools.repeat(x))
+    assert len(batches) == MAX_BATCHES
+    with pytest.warns(UserWarning, match="read the first"):
+        dsx.quantize(nn.Sequential(nn.Linear(16, 8)), "int8_static", calibration=itertools.repeat(x), progress=False)
