@@ -185,6 +185,9 @@ class Transform(abc.ABC):
                 )
 
     def __call__(self, model: nn.Module, example_inputs: Any = None) -> nn.Module:
+        for flag in ("inplace", "verify", "replay"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
         check_module(model)
         check_finite_parameters(model)
         inputs = None if example_inputs is None else normalize_inputs(example_inputs)

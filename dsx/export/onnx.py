@@ -71,6 +71,9 @@ def run_onnx(path: str | os.PathLike, feeds: dict[str, Any]) -> list[torch.Tenso
     return [torch.from_numpy(o) for o in outputs]
 
 
+MIN_OPSET = 18
+"""The oldest opset torch's dynamo ONNX exporter writes (it silently upgrades older requests)."""
+
 FLOAT8_OPSET = 19
 """The first opset with float8 QuantizeLinear / DequantizeLinear / Cast."""
 
@@ -113,6 +116,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     if n_qdq:
         notes.append(f"{n_qdq} int8_static linears as QuantizeLinear / DequantizeLinear pairs")
     opset = DEFAULT_OPSET if opset is None else opset
+    if type(opset) is not int or opset < MIN_OPSET:
+        raise ValueError(f"opset: torch's ONNX exporter writes opset {MIN_OPSET} or newer; got {opset!r}")
     fp8 = any(isinstance(m, QuantLinear) and m.weight_dtype == FP8 for m in model.modules())
     if fp8 and opset < FLOAT8_OPSET:
         raise ValueError(f"opset: float8 layers need ONNX opset >= {FLOAT8_OPSET}, got {opset}")

@@ -15,7 +15,7 @@ import torch.nn as nn
 from dsx.compress.masks import make_permanent, masked_modules
 from dsx.core.inputs import Inputs
 from dsx.core.transform import VerificationError
-from dsx.graph.capture import batch_dynamic_shapes
+from dsx.graph.capture import batch_dynamic_shapes, check_batchable
 
 
 @dataclass
@@ -47,6 +47,7 @@ def prepare(model: nn.Module, inputs: Inputs, dynamic_shapes: Any) -> tuple[nn.M
         model = make_permanent(model, inplace=copied)  # one private copy at most
         notes.append("pruning masks folded into the weights")
     if dynamic_shapes == "batch":
+        check_batchable(inputs, "dynamic_shapes='batch'")
         dynamic_shapes = batch_dynamic_shapes(model, inputs)
     return model, dynamic_shapes, notes
 

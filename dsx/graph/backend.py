@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from dsx.graph.capture import export_graph
-from dsx.graph.pass_manager import resolve, run_passes
+from dsx.graph.pass_manager import check_passes, resolve, run_passes
 
 log = logging.getLogger("dsx")
 REPORTS_KEPT = 256
@@ -73,7 +73,7 @@ class DsxBackend:
     reports: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=REPORTS_KEPT))
 
     def __post_init__(self) -> None:
-        resolve(self.passes)
+        self.passes = check_passes(self.passes)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         from torch._inductor.compile_fx import compile_fx

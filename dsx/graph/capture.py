@@ -61,6 +61,16 @@ def batch_dynamic_shapes(model: nn.Module, inputs: Inputs) -> dict[str, Any]:
     return {name: pytree.tree_map(mark, value) for name, value in bound.items()}
 
 
+def check_batchable(inputs: Inputs, what: str) -> None:
+    """Raise ``ValueError`` unless every input tensor has a batch dim of size >= 2: export specializes sizes 0 and
+    1, so a dynamic batch asked for on such inputs would silently come out static."""
+    small = [tuple(x.shape) for x in pytree.tree_leaves(inputs)
+             if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] < 2)]
+    if small:
+        raise ValueError(f"example_inputs: {what} needs a batch size >= 2 in every input tensor (export specializes "
+                         f"sizes 0 and 1); got shapes {small}")
+
+
 def export_graph(model: nn.Module, inputs: Inputs, *, dynamic_shapes: Any = None,
                  guards: bool = True) -> fx.GraphModule:
     """``torch.export`` (non-strict) to a plain, picklable GraphModule in eval mode with the same call
@@ -187,11 +197,7 @@ def _capture_eval(model: nn.Module, inputs: Inputs, dynamic_shapes: Any, dynamic
     fixed = dict(fixed_kwargs or {})
     notes = [f"captured with {fixed} fixed"] if fixed else []
     if dynamic_batch and dynamic_shapes is None:
-        small = [tuple(x.shape) for x in pytree.tree_leaves(inputs)
-                 if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] < 2)]
-        if small:
-            raise ValueError(f"example_inputs: dynamic_batch needs a batch size >= 2 in every input tensor "
-                             f"(export specializes sizes 0 and 1); got shapes {small}")
+        check_batchable(inputs, "dynamic_batch")
         dynamic_shapes = "batch"
     run_model(model, _with(inputs, fixed))
     try:

@@ -17,7 +17,7 @@ import torch.nn as nn
 from dsx.core.inputs import Inputs
 from dsx.core.transform import HISTORY_ATTR, Transform
 from dsx.graph.backend import DsxBackend
-from dsx.graph.pass_manager import resolve
+from dsx.graph.pass_manager import check_passes
 
 _IDS = itertools.count()
 REDUCED = 0.1
@@ -71,9 +71,7 @@ class Compile(Transform):
     dynamic: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.passes is not None and not isinstance(self.passes, str):
-            self.passes = list(self.passes)
-        resolve(self.passes)
+        self.passes = check_passes(self.passes)
         if self.dynamic is not None and not isinstance(self.dynamic, bool):
             raise TypeError(f"dynamic: expected True, False or None, got {self.dynamic!r}")
         self._reduced: float | None = None

@@ -15,7 +15,7 @@ from dsx.core.inputs import Inputs, model_device, run_model
 from dsx.core.transform import Transform
 from dsx.graph.capture import accepts, capture_inputs
 from dsx.graph.fx_utils import drop_unused_state
-from dsx.graph.pass_manager import available_passes, resolve, run_passes
+from dsx.graph.pass_manager import available_passes, check_passes, resolve, run_passes
 
 
 @dataclass
@@ -33,9 +33,9 @@ class Fuse(Transform):
     dynamic_batch: bool = False
 
     def __post_init__(self) -> None:
-        if self.passes is not None and not isinstance(self.passes, str):
-            self.passes = list(self.passes)
-        resolve(self.passes)
+        self.passes = check_passes(self.passes)
+        if not isinstance(self.dynamic_batch, bool):
+            raise TypeError(f"dynamic_batch: expected True or False, got {self.dynamic_batch!r}")
 
     @staticmethod
     def fixed_kwargs(model: nn.Module, inputs: Inputs) -> dict[str, Any]:

@@ -7,7 +7,7 @@ A pass is a function ``fn(gm) -> int`` that rewrites the ATen-level graph in pla
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch.fx as fx
 
@@ -72,6 +72,21 @@ def resolve(passes: str | Iterable[str] | None = None, *, device: str = "cuda") 
         if n not in known:
             raise ValueError(f"passes: unknown pass {n!r}; valid passes are {sorted(known)}")
     return [p for p in known.values() if p.name in names]
+
+
+def check_passes(passes: Any) -> list[str] | str | None:
+    """Validate a ``passes`` argument (None, ``"all"``, a name or a list of names); return it as stored.
+
+    Raises:
+        TypeError: not a string, a list of strings or None.
+        ValueError: an unknown pass name.
+    """
+    if passes is not None and not isinstance(passes, str):
+        if not isinstance(passes, (list, tuple)):
+            raise TypeError(f"passes: expected None, 'all', a pass name or a list of names, got {passes!r}")
+        passes = list(passes)
+    resolve(passes)
+    return passes
 
 
 def run_passes(gm: fx.GraphModule, passes: Sequence[GraphPass]) -> dict[str, int]:

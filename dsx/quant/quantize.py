@@ -103,8 +103,9 @@ class Quantize(Transform):
 
     def __post_init__(self) -> None:
         self.spec: QuantConfig = resolve_config(self.format)
-        if isinstance(self.skip, str):
-            raise TypeError("skip: expected a list of names or 're:' patterns, got a single string; wrap it in a list")
+        if isinstance(self.skip, str) or not isinstance(self.skip, (list, tuple)):
+            raise TypeError(f"skip: expected a list of names or 're:' patterns, got {self.skip!r}"
+                            + ("; wrap it in a list" if isinstance(self.skip, str) else ""))
         self.skip = list(self.skip)
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(f"filter_fn: expected a callable (name, module) -> bool, got {type(self.filter_fn)}")
@@ -305,6 +306,10 @@ class Quantize(Transform):
         if spec.compute_dtype is not None:
             cast_float(model, spec.compute_dtype)
         self._resolved = sorted(built)
+        if not built and not self.replay:
+            warnings.warn(f"quantize: no layer was quantized to {spec.format!r} (no eligible module"
+                          + (f"; left float: {skipped}" if skipped else "") + "); the model is unchanged",
+                          stacklevel=4)
         info = {"format": spec.format, "qat": self.qat, "quantized": len(built), "kept_float": kept,
                 "skipped": skipped, "bytes_before": bytes_before, "bytes_after": state_bytes(model)}
         return model, info

@@ -301,7 +301,10 @@ def test_bad_inputs_raise_clear_errors():
         distill(teacher, student, [(torch.randn(8, 6), torch.zeros(8), torch.zeros(8))], progress=False)
     bad = toy_data(3)
     bad[1] = (torch.full((8, 6), float("nan")), bad[1][1])
-    with pytest.raises(ValueError, match=r"loss is nan at step 2 \(epoch 1, batch 1\)"):
+    with pytest.raises(ValueError, match=r"data: batch 1: input args\[0\] contains NaN or inf"):
+        distill(teacher, student, bad, progress=False)
+    bad[1] = (torch.full((8, 6), 3e38), bad[1][1])  # finite inputs whose loss overflows
+    with pytest.raises(ValueError, match=r"loss is (nan|inf) at step 2 \(epoch 1, batch 1\)"):
         distill(teacher, student, bad, progress=False)
     with pytest.raises(ValueError, match="teacher"):
         Distill(data=toy_data())(student)

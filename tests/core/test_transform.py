@@ -187,3 +187,13 @@ def test_a_model_whose_outputs_are_all_nan_or_empty_fails_verification():
         Scale(1.0)(NaNOut(), torch.randn(2, 4))
     with pytest.raises(VerificationError, match="nothing to compare"):
         Scale(1.0)(nn.Linear(4, 3), torch.randn(0, 4))
+
+
+@pytest.mark.parametrize("flag", ["inplace", "verify"])
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_flags_must_be_booleans_and_a_refusal_leaves_the_model_alone(flag, value):
+    model = nn.Linear(4, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=f"{flag}: expected True or False, got {value!r}"):
+        Scale(2.0, **{flag: value})(model, torch.randn(2, 4))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -65,6 +65,18 @@ def test_batch_shorthand_makes_dim_0_dynamic_and_opset_is_honoured(tmp_path):
     assert compare_outputs(model(x).detach(), run_onnx(path, {name: x})[0])["max_rel"] < TOL
 
 
+@pytest.mark.parametrize("opset", [3, 17, "20", 20.0])
+def test_an_opset_the_exporter_cannot_write_is_refused(tmp_path, opset):
+    with pytest.raises(ValueError, match=f"opset: torch's ONNX exporter writes opset 18 or newer; got {opset!r}"):
+        export_onnx(mlp(), torch.randn(4, 16), tmp_path / "m.onnx", opset=opset)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_dynamic_batch_on_a_batch_of_one_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="dynamic_shapes='batch' needs a batch size >= 2"):
+        export_onnx(mlp(), torch.randn(1, 16), tmp_path / "m.onnx", dynamic_shapes="batch")
+
+
 def test_tiny_resnet_with_random_batchnorm(tmp_path):
     model = randomize_batchnorm(TinyResNet()).eval()
     result = export_onnx(model, torch.randn(2, 3, 32, 32), tmp_path / "resnet.onnx")

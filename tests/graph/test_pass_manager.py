@@ -2,6 +2,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import dsx
+from dsx.graph.backend import DsxBackend
 from dsx.graph.pass_manager import available_passes, resolve, run_passes
 
 EXPECTED = ["remove_dropout", "fold_batch_norm", "attention_to_sdpa", "add_layer_norm", "add_rms_norm", "rms_norm",
@@ -36,3 +38,15 @@ def test_run_passes_counts_and_keeps_graph_valid():
     assert counts == {"remove_dropout": 1}
     assert not any("dropout" in str(n.target) for n in gm.graph.nodes)
     torch.testing.assert_close(gm(x), m(x))
+
+
+@pytest.mark.parametrize("make", [lambda p: dsx.Fuse(passes=p), lambda p: dsx.Compile(passes=p),
+                                  lambda p: DsxBackend(passes=p)])
+def test_passes_of_another_type_are_a_clear_type_error(make):
+    with pytest.raises(TypeError, match="passes: expected None, 'all', a pass name or a list of names, got 5"):
+        make(5)
+
+
+def test_fuse_dynamic_batch_must_be_a_boolean():
+    with pytest.raises(TypeError, match="dynamic_batch: expected True or False, got 'yes'"):
+        dsx.Fuse(dynamic_batch="yes")

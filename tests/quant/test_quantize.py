@@ -139,6 +139,8 @@ def test_fp8_on_a_device_without_it_is_refused(net, monkeypatch):
 def test_bad_arguments():
     with pytest.raises(TypeError, match="skip"):
         dsx.Quantize("int8", skip="head")
+    with pytest.raises(TypeError, match="skip: expected a list of names or 're:' patterns, got None"):
+        dsx.Quantize("int8", skip=None)
     with pytest.raises(ValueError, match="max_error"):
         dsx.Quantize("int8", max_error=-1)
     with pytest.raises(ValueError, match="observer"):
@@ -282,3 +284,12 @@ def test_summary_shows_the_smaller_model(net, ids):
     q = dsx.quantize(net, "int8", example_inputs=ids)
     text = str(dsx.summary(q))
     assert "int8" in text and "quantize" in text
+
+
+def test_quantizing_nothing_warns_and_leaves_the_model_as_it_was():
+    model = nn.Sequential(nn.ReLU(), nn.Tanh())
+    with pytest.warns(UserWarning, match="quantize: no layer was quantized to 'int8' \\(no eligible module\\)"):
+        out = dsx.quantize(model, "int8", progress=False)
+    assert [type(m) for m in out] == [nn.ReLU, nn.Tanh]
+    with pytest.warns(UserWarning, match="left float: \\{'0': 'skip'\\}"):
+        dsx.quantize(nn.Sequential(nn.Linear(4, 4)), "int8", skip=["0"], progress=False)
