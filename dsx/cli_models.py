@@ -23,8 +23,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
         shape = tuple(int(d) for d in text.split(","))
     except ValueError:
         shape = ()
-    if not shape or any(d < 0 for d in shape):
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected sizes separated by commas, e.g. 2,3,32,32")
+    if not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected positive sizes separated by commas, "
+                                         "e.g. 2,3,32,32")
     return shape
 
 

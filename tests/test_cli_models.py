@@ -60,7 +60,7 @@ def factories(tmp_path, monkeypatch):
 def test_parse_shape():
     assert parse_shape("2,3,32,32") == (2, 3, 32, 32)
     assert parse_shape("7") == (7,)
-    for bad in ("2,x", "", "2,,3", "-1,4", "2.5"):
+    for bad in ("2,x", "", "2,,3", "-1,4", "2.5", "0,3", "2,0"):
         with pytest.raises(argparse.ArgumentTypeError, match="bad shape"):
             parse_shape(bad)
 

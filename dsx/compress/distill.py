@@ -24,6 +24,10 @@ from dsx.core.transform import Transform, eval_mode
 CONV_PROJECTIONS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
+IGNORE_INDEX = -100
+"""The label cross-entropy skips (Hugging Face pads labels with it)."""
+
+
 def first_tensor(out: Any) -> torch.Tensor | None:
     """The first tensor in a module output (a Tensor, tuple/list, dict or Hugging Face ``ModelOutput``)."""
     if isinstance(out, torch.Tensor):
@@ -222,6 +226,10 @@ class DistillationLoss(nn.Module):
                              f"{tuple(student_logits.shape)}; expected class indices of shape "
                              f"{tuple(student_logits.shape[:-1])} or probabilities of the logits' shape "
                              "(or pass loss_fn)")
+        labels = target[target != IGNORE_INDEX]  # -100 marks positions without a label (padding)
+        if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < classes):
+            raise ValueError(f"target: class indices must lie in [0, {classes}) (or be {IGNORE_INDEX}) for the "
+                             f"student's {classes} logits, got values from {int(labels.min())} to {int(labels.max())}")
         return F.cross_entropy(student_logits.reshape(-1, classes).float(), target.reshape(-1))
 
     def feature_loss(self) -> torch.Tensor | None:
@@ -354,6 +362,14 @@ class Distill(Transform):
             raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
         if self.teacher is not None:
             check_module(self.teacher, "teacher")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise TypeError(f"loss_fn: expected a callable (student_logits, target) -> loss, got {self.loss_fn!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {self.device!r}") \
+                    from None
         if self.optimizer is not None and not (isinstance(self.optimizer, torch.optim.Optimizer)
                                                or callable(self.optimizer)):
             raise TypeError(f"optimizer: expected a torch.optim.Optimizer or a callable params -> optimizer, got "

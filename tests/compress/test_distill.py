@@ -308,6 +308,15 @@ def test_bad_inputs_raise_clear_errors():
         distill(teacher, student, bad, progress=False)
     with pytest.raises(ValueError, match="teacher"):
         Distill(data=toy_data())(student)
+    with pytest.raises(ValueError, match="device: expected a torch device such as 'cpu' or 'cuda:0', got 'gpu'"):
+        distill(teacher, student, toy_data(), device="gpu", progress=False)
+    with pytest.raises(TypeError, match="loss_fn: expected a callable"):
+        Distill(teacher=teacher, data=toy_data(), loss_fn="print")
+    labels = [(x, y.clone().fill_(7)) for x, y in toy_data(2)]
+    with pytest.raises(ValueError, match=r"target: class indices must lie in \[0, 5\) \(or be -100\)"):
+        distill(teacher, student, labels, progress=False)
+    padded = [(x, torch.where(torch.arange(len(y)) % 2 == 0, y, -100)) for x, y in toy_data(2)]
+    distill(teacher, student, padded, progress=False)  # -100 marks unlabelled rows
 
 
 def test_dataloader_and_generator_data():

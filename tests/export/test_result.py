@@ -1,5 +1,9 @@
 from pathlib import Path
 
+import pytest
+import torch
+import torch.nn as nn
+
 from dsx.export.result import ExportResult
 
 
@@ -7,3 +11,19 @@ def test_one_line_summary_says_whether_it_was_verified():
     assert str(ExportResult(Path("m.onnx"), "onnx")) == "onnx -> m.onnx (not verified)"
     verified = ExportResult(Path("m.pt2"), "pt2", max_abs=1.5e-7, max_rel=2e-7)
     assert str(verified) == "pt2 -> m.pt2 (max abs 1.5e-07, max rel 2e-07)"
+
+
+class _Raises(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom inside")
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
+def test_a_model_raising_on_its_inputs_is_a_clear_error_before_exporting(tmp_path, suffix):
+    import dsx
+
+    with pytest.raises(ValueError, match=r"example_inputs: the model raised RuntimeError .*: boom inside"):
+        dsx.export(_Raises(), torch.randn(2, 4), tmp_path / f"m{suffix}")
+    with pytest.raises(ValueError, match=r"example_inputs: the model raised RuntimeError .*\(2x5 and 4x3\)"):
+        dsx.export(nn.Linear(4, 3), torch.randn(2, 5), tmp_path / f"n{suffix}")
+    assert not list(tmp_path.iterdir())
