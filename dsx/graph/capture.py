@@ -84,7 +84,26 @@ def export_graph(model: nn.Module, inputs: Inputs, *, dynamic_shapes: Any = None
         for node in list(unlifted.graph.nodes):
             if node.op == "call_module" and node.target == "_guards_fn":
                 unlifted.graph.erase_node(node)
+    elif isinstance(getattr(unlifted, "_guards_fn", None), nn.Module):
+        shapes = [tuple(x.shape) for x in pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor)]
+        unlifted._guards_fn = ShapeGuards(unlifted._guards_fn, str(shapes))
     return fx.GraphModule(unlifted, unlifted.graph).eval()
+
+
+class ShapeGuards(nn.Module):
+    """export's input guards, raising a ``ValueError`` that says which shapes the captured graph serves."""
+
+    def __init__(self, guards: nn.Module, shapes: str) -> None:
+        super().__init__()
+        self.guards, self.shapes = guards, shapes
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.guards(*args, **kwargs)
+        except AssertionError as e:
+            raise ValueError(f"inputs: this captured graph serves the example inputs' shapes {self.shapes} only "
+                             f"({e}); capture with dynamic_batch=True, or use dsx.optimize / dsx.Compile, which "
+                             "take any shape") from None
 
 
 def accepts(model: nn.Module, name: str) -> bool:

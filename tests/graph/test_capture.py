@@ -75,3 +75,14 @@ def test_bad_inputs():
         capture(m, 3.0)
     with pytest.raises(ValueError, match="example_inputs"):
         capture(m, torch.randn(2, 5))
+
+
+def test_a_static_capture_called_with_other_shapes_says_which_it_serves():
+    import dsx
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    fused = dsx.Fuse()(model, torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"inputs: this captured graph serves the example inputs' shapes \[\(2, 8\)\] "
+                                         r"only .*dynamic_batch=True"):
+        fused(torch.randn(5, 8))
+    assert fused(torch.randn(2, 8)).shape == (2, 4)
