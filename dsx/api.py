@@ -19,10 +19,11 @@ from dsx.auto.workload import default_workload, user_workload
 from dsx.compress.prune import Prune
 from dsx.compress.sparsity import Sparsify
 from dsx.core.compose import compose
-from dsx.core.inputs import check_module, model_device, normalize_inputs, run_model
+from dsx.core.checks import check_flag
+from dsx.core.inputs import check_finite_parameters, check_module, model_device, normalize_inputs, run_model
 from dsx.core.report import REPORT_ATTR
 from dsx.core.transform import Transform, output_dtype
-from dsx.graph.pass_manager import resolve
+from dsx.graph.pass_manager import check_passes
 from dsx.quant.calibrate import check_batches
 from dsx.quant.config import QuantConfig
 from dsx.quant.quantize import Quantize, check_metric
@@ -40,6 +41,23 @@ def _check_args(max_error: Any, metric: Any, budget_s: Any, compile: Any, worklo
         raise TypeError(f"compile: expected True or False, got {compile!r}")
     if workload is not None and not callable(workload):
         raise TypeError(f"workload: expected a callable workload(model) or None, got {type(workload).__name__}")
+
+
+def _forced_steps(prune: Any, structured: bool, sparsity: Any, quantize: Any, calibration: Any,
+                  progress: bool) -> list[Transform]:
+    """The steps ``prune=`` / ``sparsity=`` / ``quantize=`` force; their own checks' errors name those arguments."""
+    steps: list[Transform] = []
+    for arg, value, build in (("prune", prune, lambda: Prune(prune, structured=structured)),
+                              ("sparsity", sparsity, lambda: Sparsify(sparsity)),
+                              ("quantize", quantize, lambda: Quantize(quantize, calibration=calibration,
+                                                                       progress=progress))):
+        if value is None:
+            continue
+        try:
+            steps.append(build())
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{arg}: {e}") from None
+    return steps
 
 
 def optimize(model: nn.Module, example_inputs: Any, *, max_error: float | None = None,
@@ -85,22 +103,19 @@ def optimize(model: nn.Module, example_inputs: Any, *, max_error: float | None =
         dsx.VerificationError: a forced step's outputs drift past its tolerance.
     """
     check_module(model)
+    check_finite_parameters(model)
+    check_flag("inplace", inplace)
+    check_flag("progress", progress)
     inputs = normalize_inputs(example_inputs)
     _check_args(max_error, metric, budget_s, compile, workload)
     formats = check_formats(formats)
-    resolve(passes)
+    passes = check_passes(passes)
     if structured and prune is None:
         raise ValueError("structured: needs prune= (the fraction of parameters to remove)")
     batches = [inputs] + ([] if calibration is None else check_batches(calibration))
+    forced = _forced_steps(prune, structured, sparsity, quantize, calibration, progress)
     base = copy.deepcopy(model).eval()
     run_model(base, inputs)
-    forced: list[Transform] = []
-    if prune is not None:
-        forced.append(Prune(prune, structured=structured))
-    if sparsity is not None:
-        forced.append(Sparsify(sparsity))
-    if quantize is not None:
-        forced.append(Quantize(quantize, calibration=calibration, progress=progress))
     if forced:
         if max_error is not None or formats is not None:
             warnings.warn("max_error / formats: ignored, prune= / sparsity= / quantize= force the plan", stacklevel=2)

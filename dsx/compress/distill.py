@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
-from dsx.core.inputs import Inputs, check_module, model_device, normalize_inputs
+from dsx.core.checks import check_flag
+from dsx.core.inputs import Inputs, check_finite_parameters, check_module, model_device, normalize_inputs
 from dsx.core.transform import Transform, eval_mode
 
 CONV_PROJECTIONS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -364,12 +365,15 @@ class Distill(Transform):
             check_module(self.teacher, "teacher")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError(f"loss_fn: expected a callable (student_logits, target) -> loss, got {self.loss_fn!r}")
+        check_flag("progress", self.progress)
         if self.device is not None:
             try:
-                torch.device(self.device)
+                device = torch.device(self.device)
             except (RuntimeError, TypeError):
                 raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {self.device!r}") \
                     from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device: {self.device!r} is not available (torch.cuda.is_available() is False)")
         if self.optimizer is not None and not (isinstance(self.optimizer, torch.optim.Optimizer)
                                                or callable(self.optimizer)):
             raise TypeError(f"optimizer: expected a torch.optim.Optimizer or a callable params -> optimizer, got "
@@ -446,6 +450,7 @@ class Distill(Transform):
         if self.teacher is None:
             raise ValueError("teacher: distillation needs a teacher model")
         teacher = self.teacher
+        check_finite_parameters(teacher, "teacher")
         self._check_data()
         device = torch.device(self.device) if self.device is not None else model_device(model)
         teacher_device = model_device(teacher)
@@ -521,6 +526,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: Iterable[Any], *, epoc
             inplace: bool = False) -> tuple[nn.Module, list[float]]:
     """``dsx.Distill(teacher, data, ...)(student)``: the trained student (a copy unless ``inplace``) and the
     per-step losses (the history info also records the per-epoch means). See ``Distill``."""
+    check_module(student, "student")
     step = Distill(teacher, data, epochs=epochs, temperature=temperature, alpha=alpha, features=features,
                    optimizer=optimizer, loss_fn=loss_fn, device=device, progress=progress, lr=lr,
                    feature_weight=feature_weight, inplace=inplace)

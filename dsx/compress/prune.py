@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from dsx.compress.masks import apply_mask, count_nonzero, get_mask, source, sparsity
 from dsx.compress.unstructured import IMPORTANCES, SCOPES, is_prunable, magnitude_prune, select_layers
+from dsx.core.checks import check_names
 from dsx.core.inputs import Inputs
 from dsx.core.transform import Transform
 
@@ -25,16 +26,9 @@ def check_fraction(value: Any, name: str) -> float:
     return float(value)
 
 
-def check_skip(skip: Any) -> list[str]:
-    """``skip`` as a list of module names / ``"re:"`` patterns (a bare string is a TypeError, not a list of chars)."""
-    if isinstance(skip, str):
-        raise TypeError("skip: expected a list of names or 're:' patterns, got a single string; wrap it in a list")
-    return list(skip)
-
-
 def check_max_error(max_error: Any) -> None:
     if max_error is not None and (isinstance(max_error, bool) or not isinstance(max_error, (int, float))
-                                  or max_error <= 0):
+                                  or not max_error > 0 or not math.isfinite(max_error)):
         raise ValueError(f"max_error: expected a positive relative error or None, got {max_error!r}")
 
 
@@ -72,7 +66,9 @@ class Prune(Transform):
 
     def __post_init__(self) -> None:
         self.amount = check_fraction(self.amount, "amount")
-        self.skip = check_skip(self.skip)
+        self.skip = check_names("skip", self.skip)
+        if self.layers is not None:
+            self.layers = check_names("layers", self.layers, patterns=False)
         if not isinstance(self.structured, bool):
             raise TypeError(f"structured: expected a bool, got {self.structured!r}")
         if self.scope not in SCOPES:

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from dsx.compress.prune import Prune, check_fraction, check_skip
+from dsx.compress.prune import Prune, check_fraction
+from dsx.core.checks import check_names
 from dsx.compress.unstructured import SCOPES
 
 
@@ -58,7 +59,7 @@ class PruningSchedule:
             raise ValueError(f"initial: must not exceed amount ({self.amount}), got {self.initial}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope: expected one of {SCOPES}, got {self.scope!r}")
-        self.skip = check_skip(self.skip)
+        self.skip = check_names("skip", self.skip)
 
     def events(self) -> list[int]:
         """The training steps at which the target sparsity rises."""

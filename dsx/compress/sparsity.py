@@ -19,7 +19,8 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 from torch.sparse import to_sparse_semi_structured
 
 from dsx.compress.masks import apply_mask, get_mask, remove_mask, source
-from dsx.compress.prune import check_max_error, check_skip
+from dsx.compress.prune import check_max_error
+from dsx.core.checks import check_names
 from dsx.compress.unstructured import select_layers
 from dsx.core.inputs import Inputs
 from dsx.core.transform import Transform
@@ -143,7 +144,9 @@ class Sparsify(Transform):
     def __post_init__(self) -> None:
         if self.pattern not in PATTERNS:
             raise ValueError(f"pattern: supported sparsity patterns are {PATTERNS}, got {self.pattern!r}")
-        self.skip = check_skip(self.skip)
+        self.skip = check_names("skip", self.skip)
+        if self.layers is not None:
+            self.layers = check_names("layers", self.layers, patterns=False)
         if self.accelerate not in (None, True, False):
             raise TypeError(f"accelerate: expected True, False or None (when possible), got {self.accelerate!r}")
         check_max_error(self.max_error)

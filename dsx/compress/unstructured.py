@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from dsx.compress.masks import apply_mask, get_mask, source
-from dsx.quant.quantize import matches
+from dsx.core.checks import matches
 
 IMPORTANCES = ("l1", "l2")
 SCOPES = ("local", "global")

@@ -75,6 +75,9 @@ def take_batches(data: Iterable[Any], *, name: str = "calibration", max_batches:
         TypeError: a batch of an unsupported form.
         ValueError: a batch holding NaN or inf.
     """
+    if isinstance(data, (torch.Tensor, dict, str, bytes)) or not isinstance(data, Iterable):
+        raise TypeError(f"{name}: expected an iterable of batches (a list, a generator, a DataLoader), got "
+                        f"{type(data).__name__}")
     batches: list[Inputs] = []
     for i, batch in enumerate(data):
         if i == max_batches:

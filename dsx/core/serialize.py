@@ -19,6 +19,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
+from dsx.core.checks import check_path
 from dsx.core.atomic import commit, fsync_file, previous, recover, start, write_bytes
 from dsx.core.inputs import check_module, model_device, synthesize
 from dsx.core.report import REPORT_ATTR
@@ -70,7 +71,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) 
         text = json.dumps(meta, indent=2)
     except (TypeError, ValueError) as e:
         raise ValueError(f"save: the model's dsx history is not JSON-able: {e}") from e
-    path = Path(path)
+    path = check_path("path", path, directory=True)
     recover(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"path: {path} is a file; dsx.save writes a directory")
@@ -173,7 +174,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None
     check_module(model)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
-    path = Path(path)
+    path = check_path("path", path)
     if not path.exists() and previous(path).is_dir():  # a save crashed between its two renames
         path = previous(path)
     meta = _read_meta(path)

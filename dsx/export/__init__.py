@@ -12,6 +12,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from dsx.core.checks import check_flag, check_path
 from dsx.core.inputs import check_module, normalize_inputs
 from dsx.export.result import ExportResult
 
@@ -48,7 +49,8 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, fo
     """
     check_module(model)
     normalize_inputs(example_inputs)
-    path = Path(path)
+    path = check_path("path", path, directory=False)
+    check_flag("verify", verify)
     fmt = export_format(path, format)
     if opset is not None and fmt != "onnx":
         raise ValueError(f"opset: only the onnx format takes an opset, not {fmt}")

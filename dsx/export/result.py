@@ -13,7 +13,8 @@ from typing import Any
 import torch.nn as nn
 
 from dsx.compress.masks import make_permanent, masked_modules
-from dsx.core.inputs import Inputs, run_model
+from dsx.core.checks import check_dynamic_shapes
+from dsx.core.inputs import Inputs, check_finite_parameters, run_model
 from dsx.core.transform import VerificationError
 from dsx.graph.capture import batch_dynamic_shapes, check_batchable
 
@@ -38,6 +39,8 @@ def prepare(model: nn.Module, inputs: Inputs, dynamic_shapes: Any) -> tuple[nn.M
     """The model to trace (an eval-mode copy if it is training; a copy with pruning / 2:4 masks folded into plain
     weights, so the file holds dense weights with zeros), the resolved ``dynamic_shapes`` (``"batch"`` makes dim 0
     of every input dynamic) and the notes so far."""
+    check_finite_parameters(model)  # before anything is written: NaN weights verify against nothing
+    check_dynamic_shapes(dynamic_shapes)
     run_model(model, inputs)  # a model that raises on its inputs: a clear error, not the exporter's
     notes = []
     copied = model.training

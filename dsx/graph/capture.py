@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from dsx.core.checks import check_dynamic_shapes, check_flag
 from dsx.core.inputs import Inputs, check_module, normalize_inputs, run_model
 from dsx.core.transform import eval_mode
 
@@ -199,6 +200,11 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None
     ``fixed_kwargs`` are passed on every call and baked into the capture (e.g. ``{"use_cache": False}``).
     """
     check_module(model)
+    check_flag("dynamic_batch", dynamic_batch)
+    if fixed_kwargs is not None and not (isinstance(fixed_kwargs, dict)
+                                         and all(isinstance(k, str) for k in fixed_kwargs)):
+        raise TypeError(f"fixed_kwargs: expected a dict of keyword arguments or None, got {fixed_kwargs!r}")
+    check_dynamic_shapes(dynamic_shapes)
     return capture_inputs(model, normalize_inputs(example_inputs), dynamic_shapes=dynamic_shapes,
                           dynamic_batch=dynamic_batch, fixed_kwargs=fixed_kwargs)
 

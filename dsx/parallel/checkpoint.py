@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 
 from dsx.core.atomic import commit, write_bytes
+from dsx.core.checks import check_path
 from dsx.core.transform import history
 from dsx.parallel.calibration import distributed_active
 from dsx.parallel.safe_dcp import SafeLoadPlanner, SafeReader, check_entries
@@ -117,7 +118,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         json.dumps(meta)
     except (TypeError, ValueError) as e:
         raise TypeError(f"extra: expected a JSON-able dict: {e}") from e
-    path = Path(path)
+    path = check_path("path", path, directory=True)
     tmp, final = path / f"step_{step}.tmp", path / f"step_{step}"
     _on_rank0(lambda: _prepare(path, tmp), process_group)
     if meta["optimizer"]:
@@ -210,7 +211,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer: expected a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-    ckpt, meta = _on_rank0(lambda: _resolve(Path(path)), process_group)
+    path = check_path("path", path)
+    ckpt, meta = _on_rank0(lambda: _resolve(path), process_group)
     with_optimizer = optimizer is not None and meta["optimizer"]
     if with_optimizer:
         before = optimizer.state_dict()  # get_state_dict fills an empty optimizer's state: undone on a mismatch

@@ -308,7 +308,7 @@ def compress_gradients(ddp_model: DistributedDataParallel, spec: str, *, error_f
     if error_feedback and name in ("fp16", "bf16"):
         raise ValueError(f"error_feedback is not supported for {name!r}; use 'int8', 'topk:F' or 'powersgd'")
     if not isinstance(ddp_model, DistributedDataParallel):
-        raise TypeError(f"compress_gradients expects a torch.nn.parallel.DistributedDataParallel model, "
+        raise TypeError(f"ddp_model: compress_gradients expects a torch.nn.parallel.DistributedDataParallel model, "
                         f"got {type(ddp_model).__name__}")
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("compress_gradients needs an initialized process group: call "

@@ -4,7 +4,7 @@ with layer selection, calibration, SmoothQuant, QAT and an accuracy budget, veri
 
 from __future__ import annotations
 
-import re
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from dsx.core.checks import check_flag, check_names, matches
 from dsx.core.inputs import Inputs, model_device, normalize_inputs, run_model
 from dsx.core.transform import METRICS, Transform, compare_outputs, eval_mode
 from dsx.quant.calibrate import Observers, check_batches, observe_inputs
@@ -25,13 +26,6 @@ from dsx.quant.qat import QATLinear
 from dsx.quant.smoothquant import smoothing_scales
 
 BNB_CLASSES = ("Linear4bit", "Linear8bitLt")
-
-
-def matches(name: str, pattern: str) -> bool:
-    """``pattern`` names ``name`` or one of its parents, or is ``"re:<regex>"`` matching the whole name."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return name == pattern or name.startswith(pattern + ".")
 
 
 def quantized_module(model: nn.Module) -> str | None:
@@ -103,14 +97,16 @@ class Quantize(Transform):
 
     def __post_init__(self) -> None:
         self.spec: QuantConfig = resolve_config(self.format)
-        if isinstance(self.skip, str) or not isinstance(self.skip, (list, tuple)):
-            raise TypeError(f"skip: expected a list of names or 're:' patterns, got {self.skip!r}"
-                            + ("; wrap it in a list" if isinstance(self.skip, str) else ""))
-        self.skip = list(self.skip)
+        self.skip = check_names("skip", self.skip)
+        if self.layers is not None:
+            self.layers = check_names("layers", self.layers, patterns=False)
+        check_flag("qat", self.qat)
+        check_flag("progress", self.progress)
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(f"filter_fn: expected a callable (name, module) -> bool, got {type(self.filter_fn)}")
         if self.max_error is not None and not (isinstance(self.max_error, (int, float))
-                                               and not isinstance(self.max_error, bool) and self.max_error > 0):
+                                               and not isinstance(self.max_error, bool) and self.max_error > 0
+                                               and math.isfinite(self.max_error)):
             raise ValueError(f"max_error: expected a positive error bound, got {self.max_error!r}")
         check_metric(self.metric)
         if self.distributed is not None and not isinstance(self.distributed, bool):
