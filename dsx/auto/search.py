@@ -19,7 +19,7 @@ from dsx.core.inputs import Inputs, model_device, run_model
 from dsx.core.report import PlanRow, Report
 from dsx.core.timing import paired_ms
 from dsx.core.transform import METRICS, VerificationError, compare_outputs, eval_mode, history
-from dsx.quant.quantize import Quantize, state_bytes
+from dsx.quant.quantize import Quantize, call_metric, state_bytes
 
 MIN_GAIN = 0.03
 """A plan must be this much faster than the original (or its measured spread, if larger) to be returned."""
@@ -56,7 +56,10 @@ class Search:
                                                                                  progress, rounds)
         with eval_mode(base):
             self.refs = [run_model(base, b) for b in batches]
-            self.ref_work = workload.run(base)
+            try:
+                self.ref_work = workload.run(base)
+            except Exception as e:
+                raise ValueError(f"workload: raised {type(e).__name__} on the original model: {e}") from e
         self.resolved: dict[str, Quantize] = {}
         self.start = time.perf_counter()
 
@@ -64,10 +67,7 @@ class Search:
         """The candidate's output error by the search's metric (max over the batches)."""
         if callable(self.metric) and self.lossy:
             with eval_mode(model):
-                value = float(self.metric(model))
-            if value != value:  # NaN
-                raise VerificationError("metric: the callable returned NaN")
-            return value
+                return call_metric(self.metric, model)
         key = METRICS[self.metric] if self.lossy else "max_rel"
         with eval_mode(model):
             return max(compare_outputs(r, run_model(model, b, name="example_inputs (candidate)"))[key]

@@ -291,6 +291,16 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+def _forward(who: str, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], index: int) -> Any:
+    """``model(*args, **kwargs)``; a failure becomes a ``ValueError`` naming ``who`` and the data batch."""
+    try:
+        return model(*args, **kwargs)
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        shapes = [tuple(x.shape) for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        raise ValueError(f"{who}: raised {type(e).__name__} on data batch {index} (tensor shapes {shapes}): "
+                         f"{e}") from e
+
+
 def _to(tree: Any, device: torch.device) -> Any:
     return pytree.tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, tree)
 
@@ -476,11 +486,10 @@ class Distill(Transform):
                     for index, batch in enumerate(self.data):
                         (args, kwargs), target = _to(split_batch(batch, index), device)
                         with torch.no_grad():
-                            teacher_out = teacher(*args, **kwargs)
-                        if labels_to_student and target is not None and isinstance(batch, Mapping):
-                            student_out = model(*args, **kwargs, labels=target)
-                        else:
-                            student_out = model(*args, **kwargs)
+                            teacher_out = _forward("teacher", teacher, args, kwargs, index)
+                        extra = {"labels": target} if (labels_to_student and target is not None
+                                                       and isinstance(batch, Mapping)) else {}
+                        student_out = _forward("student", model, args, {**kwargs, **extra}, index)
                         mask = kwargs.get("attention_mask")
                         if not (isinstance(mask, torch.Tensor)
                                 and mask.shape == output_logits(student_out, "student").shape[:-1]):

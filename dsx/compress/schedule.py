@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from dsx.compress.prune import Prune, check_fraction
 from dsx.core.checks import check_names
+from dsx.core.inputs import check_module
 from dsx.compress.unstructured import SCOPES
 
 
@@ -78,6 +79,7 @@ class PruningSchedule:
     def step(self, model: nn.Module, step: int) -> bool:
         """Prune ``model`` in place up to ``sparsity(step)`` if that is above what this schedule last applied to it
         (calls may skip steps); True when the masks were raised."""
+        check_module(model)
         target = self.sparsity(step)
         if target <= self._applied.get(model, 0.0):
             return False

@@ -41,7 +41,7 @@ COMPILED_DIR = "data/aotinductor/"
 ZIP_MAGIC = b"PK\x03\x04"
 
 
-def _pickled_members(archive: zipfile.ZipFile) -> Iterator[str]:
+def _pickled_members(archive: zipfile.ZipFile, path: Path) -> Iterator[str]:
     """The members ``torch.export.load`` would unpickle: nested ``torch.save`` archives (sample inputs, legacy
     weights), ``.pt`` files, and every ``path_name`` a payload config marks ``use_pickle``."""
     names = archive.namelist()
@@ -52,7 +52,7 @@ def _pickled_members(archive: zipfile.ZipFile) -> Iterator[str]:
             try:
                 entries = json.loads(archive.read(name)).get("config", {})
             except (ValueError, AttributeError):
-                raise ValueError(f"load_pt2: the archive member {name} is not valid JSON") from None
+                raise ValueError(f"load_pt2: {path}: the archive member {name} is not valid JSON") from None
             folder = name.rsplit("/", 1)[0]
             for entry in entries.values() if isinstance(entries, dict) else ():
                 if isinstance(entry, dict) and entry.get("use_pickle"):
@@ -82,7 +82,7 @@ def check_archive(data: bytes, path: Path) -> None:
             raise ValueError(f"load_pt2: {path} holds compiled AOTInductor code ({name}); dsx loads only programs")
         if base.startswith(OBJECT_PREFIXES):
             raise ValueError(f"load_pt2: {path} holds a pickled Python object ({name}); dsx never unpickles those")
-    for name in _pickled_members(archive):
+    for name in _pickled_members(archive, path):
         if name not in names:
             raise ValueError(f"load_pt2: {path} names a pickled member {name} that the archive does not hold")
         try:

@@ -98,6 +98,14 @@ def compile_backend(passes: list[str] | str | None = None, **inductor_config: An
     ``passes``: ``None`` (device default), ``"all"`` or a list of pass names; extra keywords are inductor
     config patches. ``backend="dsx"`` uses the default instance ``dsx_backend``.
     """
+    from torch._inductor import config as inductor
+
+    for key in inductor_config:
+        try:
+            getattr(inductor, key)
+        except AttributeError:
+            raise ValueError(f"{key}: not a torch._inductor.config option (compile_backend's extra keywords patch "
+                             "inductor's config)") from None
     return DsxBackend(passes, dict(inductor_config))
 
 

@@ -17,6 +17,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from dsx.core.inputs import check_module
 from dsx.quant.qat import QATLinear
 
 
@@ -36,6 +37,7 @@ def prepare_for_ddp(model: nn.Module) -> nn.Module:
     DDP needs nothing else for dsx: masks are buffers it broadcasts from rank 0, masked weights get zero gradients,
     and QAT scales are parameters whose gradients it averages like any other.
     """
+    check_module(model)
     check_qat_scales(model)
     return model
 
@@ -119,5 +121,6 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Takes FSDP2 (``shard``), tensor-parallel (``tensor_parallel``) and DDP models (without the ``module.`` prefix);
     keys and shapes are those of the unsharded model, masks and scales included, ready for ``load_state_dict``.
     """
+    check_module(model)
     inner = model.module if isinstance(model, DistributedDataParallel) else model
     return {k: _full(v) for k, v in inner.state_dict().items()}

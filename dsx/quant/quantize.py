@@ -148,7 +148,7 @@ class Quantize(Transform):
                 continue
             if any(matches(name, p) for p in self.skip):
                 skipped[name] = "skip"
-            elif self.filter_fn is not None and not self.filter_fn(name, m):
+            elif self.filter_fn is not None and not self._keep(name, m):
                 skipped[name] = "filter_fn"
             elif kind == "linear" and (reason := self.spec.rejects(m)) is not None:
                 skipped[name] = reason
@@ -160,6 +160,16 @@ class Quantize(Transform):
             if not any(matches(name, p) for name, _ in model.named_modules()):
                 warnings.warn(f"quantize: skip pattern {p!r} matches no module", stacklevel=4)
         return chosen, skipped
+
+    def _keep(self, name: str, module: nn.Module) -> bool:
+        """``filter_fn(name, module)``, which must return a bool; its failures name it."""
+        try:
+            keep = self.filter_fn(name, module)
+        except Exception as e:
+            raise ValueError(f"filter_fn: raised {type(e).__name__} on layer {name!r}: {e}") from e
+        if not isinstance(keep, bool):
+            raise TypeError(f"filter_fn: must return True or False, returned {keep!r} for layer {name!r}")
+        return keep
 
     def observe(self, model: nn.Module, modules: dict[str, nn.Module], batches: list[Any], observer: str,
                 channel_absmax: bool = False, **kwargs: Any) -> dict[str, Observers]:
@@ -223,7 +233,7 @@ class Quantize(Transform):
             try:
                 with eval_mode(model):
                     if callable(self.metric):
-                        worst = float(self.metric(model))
+                        worst = call_metric(self.metric, model)
                     else:
                         key = METRICS[self.metric]
                         worst = max((compare_outputs(r, run_model(model, b, name="calibration batch"))[key]
@@ -309,6 +319,21 @@ class Quantize(Transform):
         info = {"format": spec.format, "qat": self.qat, "quantized": len(built), "kept_float": kept,
                 "skipped": skipped, "bytes_before": bytes_before, "bytes_after": state_bytes(model)}
         return model, info
+
+
+def call_metric(metric: Callable[[nn.Module], float], model: nn.Module) -> float:
+    """A callable metric's value on ``model``, which must be a finite number.
+
+    Raises:
+        ValueError: the callable raised, or returned NaN / inf / something that is not a number.
+    """
+    try:
+        value = metric(model)
+    except Exception as e:
+        raise ValueError(f"metric: the callable raised {type(e).__name__}: {e}") from e
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)) or not math.isfinite(float(value)):
+        raise ValueError(f"metric: the callable returned {value!r}; it must return a finite error")
+    return float(value)
 
 
 def check_metric(metric: Any) -> None:

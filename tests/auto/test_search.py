@@ -230,7 +230,7 @@ def test_a_callable_metric_returning_nan_fails_the_plan(mlp, x, speeds):
 
     model, report = make_search(mlp, x, metric=metric, budget=0.1).run([tagged("a"), tagged("b")])
     got = rows(report)
-    assert got["a"].status == "failed: VerificationError: metric: the callable returned NaN"
+    assert got["a"].status == "failed: ValueError: metric: the callable returned nan; it must return a finite error"
     assert got["b"].status == "ok" and got["b"].error == 0.01 and model._plan == "b"
     assert seen == ["a", "b"] and report.metric == "callable metric"
 

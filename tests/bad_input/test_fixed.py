@@ -9,7 +9,8 @@ import torch
 import dsx
 from dsx.compress.distill import distill
 from dsx.parallel import load_checkpoint, save_checkpoint
-from tests.bad_input.conftest import assert_untouched, convnet, img, mlp, nan_mlp, snapshot, tree_digest, x
+from tests.bad_input.conftest import (Raising, assert_untouched, convnet, img, mlp, nan_mlp, snapshot, tree_digest,
+                                      x)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -78,6 +79,29 @@ CASES = [
     ("save_checkpoint-path-is-a-file", lambda m, d: save_checkpoint(d / "file", m, step=1), "path: .* is a file"),
     ("load_checkpoint-path-None", lambda m, d: load_checkpoint(None, m), "path"),
     ("compress_gradients-not-ddp", lambda m, d: dsx.parallel.compress_gradients(m, "int8"), "ddp_model"),
+    ("quantize-metric-nan", lambda m, d: dsx.quantize(m, "int8", max_error=0.1, metric=lambda mod: float("nan"),
+                                                      example_inputs=x(), progress=False), "metric: .* returned nan"),
+    ("quantize-metric-raises", lambda m, d: dsx.quantize(m, "int8", max_error=0.1, metric=lambda mod: 1 / 0,
+                                                         example_inputs=x(), progress=False),
+     "metric: the callable raised ZeroDivisionError"),
+    ("quantize-filter_fn-raises", lambda m, d: dsx.quantize(m, "int8", filter_fn=lambda n, mod: 1 / 0),
+     "filter_fn: raised ZeroDivisionError on layer '0'"),
+    ("quantize-filter_fn-not-bool", lambda m, d: dsx.quantize(m, "int8", filter_fn=lambda n, mod: "no"),
+     "filter_fn: must return True or False"),
+    ("optimize-workload-raises", lambda m, d: dsx.optimize(m, x(), compile=False, progress=False,
+                                                           workload=lambda mod: 1 / 0),
+     "workload: raised ZeroDivisionError on the original model"),
+    ("distill-teacher-wrong-shape",
+     lambda m, d: distill(m, student(), [(torch.randn(4, 7), torch.zeros(4).long())], progress=False),
+     "teacher: raised RuntimeError on data batch 0"),
+    ("distill-student-raises", lambda m, d: distill(m, Raising(), labels(), progress=False),
+     "student: raised RuntimeError on data batch 0"),
+    ("schedule-step-not-a-model", lambda m, d: dsx.PruningSchedule(start=0, end=10, steps=5, amount=0.5).step("m", 5),
+     "model"),
+    ("prepare_for_ddp-not-a-model", lambda m, d: dsx.parallel.prepare_for_ddp("model"), "model"),
+    ("full_state_dict-not-a-model", lambda m, d: dsx.parallel.full_state_dict("model"), "model"),
+    ("compile_backend-unknown-option", lambda m, d: dsx.compile_backend(not_an_inductor_option=1),
+     "not_an_inductor_option: not a torch._inductor.config option"),
 ]
 
 
