@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
-from dsx.core.inputs import Inputs, check_module, model_device, run_model, take_batches
+from dsx.core.inputs import MAX_BATCHES, Inputs, check_module, model_device, run_model, take_batches
 from dsx.quant.observers import ChannelAbsMax, Observer, make_observer
 
 
@@ -28,7 +28,7 @@ class Observers:
     channel_absmax: ChannelAbsMax | None = None
 
 
-def check_batches(data: Any, *, allow_empty: bool = False) -> list[Inputs]:
+def check_batches(data: Any, *, allow_empty: bool = False, max_batches: int = MAX_BATCHES) -> list[Inputs]:
     """The calibration batches as ``(args, kwargs)`` pairs, after checking them all.
 
     ``data`` is an iterable (a list, a generator, a DataLoader) of batches, each a Tensor, a tuple/list of
@@ -43,7 +43,7 @@ def check_batches(data: Any, *, allow_empty: bool = False) -> list[Inputs]:
             f"calibration data: expected an iterable of batches (a list, a generator, a DataLoader), "
             f"got {type(data).__name__}{hint}"
         )
-    batches = take_batches(data)
+    batches = take_batches(data, max_batches=max_batches)
     if not batches and not allow_empty:
         raise ValueError("calibration: the calibration data is empty; pass at least one batch")
     return batches

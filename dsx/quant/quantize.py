@@ -14,7 +14,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from dsx.core.checks import check_flag, check_names, matches
-from dsx.core.inputs import Inputs, model_device, normalize_inputs, run_model
+from dsx.core.inputs import MAX_BATCHES, Inputs, model_device, normalize_inputs, run_model
 from dsx.core.transform import METRICS, Transform, compare_outputs, eval_mode
 from dsx.quant.calibrate import Observers, check_batches, observe_inputs
 from dsx.quant.cast import cast_float, compute_dtype
@@ -65,7 +65,8 @@ class Quantize(Transform):
     ``format`` is a format string (see ``dsx.quant.valid_formats()``) or a config object such as
     ``dsx.quant.Int8Static(observer="percentile", smoothquant=0.5)``. ``skip`` lists module names (a name also
     skips its children) or ``"re:<regex>"`` patterns; ``filter_fn(name, module)`` returns False to keep a layer
-    float. ``calibration`` (an iterable of batches) sets static activation scales and feeds the accuracy
+    float. ``calibration`` (an iterable of batches; at most ``max_batches`` are read, default 256, so an endless
+    iterator cannot hang) sets static activation scales and feeds the accuracy
     budget: with ``max_error`` the most sensitive layers stay float until the output error is within it, measured
     by ``metric``: ``"max_rel"`` (max relative error), ``"cosine"`` (1 - the smallest cosine similarity between an
     output row and the original's) or a callable ``metric(model) -> float`` on your own data. ``qat=True`` inserts
@@ -92,6 +93,7 @@ class Quantize(Transform):
     calibration: Any = None
     progress: bool = True
     layers: list[str] | None = None
+    max_batches: int = MAX_BATCHES
     distributed: bool | None = None
     process_group: Any = None
 
@@ -101,6 +103,8 @@ class Quantize(Transform):
         if self.layers is not None:
             self.layers = check_names("layers", self.layers, patterns=False)
         check_flag("qat", self.qat)
+        if type(self.max_batches) is not int or self.max_batches < 1:
+            raise ValueError(f"max_batches: expected a positive int, got {self.max_batches!r}")
         check_flag("progress", self.progress)
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(f"filter_fn: expected a callable (name, module) -> bool, got {type(self.filter_fn)}")
@@ -277,7 +281,8 @@ class Quantize(Transform):
 
         self._sync = distributed_active(self.distributed, self.process_group)
         chosen, skipped = self.select(model)
-        batches = check_batches(self.calibration, allow_empty=self._sync) if self.calibration is not None else None
+        batches = (check_batches(self.calibration, allow_empty=self._sync, max_batches=self.max_batches)
+                   if self.calibration is not None else None)
         if batches is not None:
             batches = [kwargs or args for args, kwargs in batches]
             if self._sync and not all_reduce_scalar(len(batches), "sum", self.process_group):
@@ -383,10 +388,10 @@ def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "int
              skip: Sequence[str] = (), filter_fn: Callable[[str, nn.Module], bool] | None = None,
              max_error: float | None = None, metric: Any = "max_rel", qat: bool = False, example_inputs: Any = None,
              progress: bool = True, inplace: bool = False, verify: bool = True, distributed: bool | None = None,
-             process_group: Any = None) -> nn.Module:
+             process_group: Any = None, max_batches: int = MAX_BATCHES) -> nn.Module:
     """``dsx.Quantize(config, ...)(model, example_inputs)``: the quantized copy of ``model`` (see ``Quantize``)."""
     return Quantize(config, skip=skip, filter_fn=filter_fn, max_error=max_error, metric=metric, qat=qat,
-                    calibration=calibration,
+                    calibration=calibration, max_batches=max_batches,
                     progress=progress, inplace=inplace, verify=verify, distributed=distributed,
                     process_group=process_group)(model, example_inputs)
 

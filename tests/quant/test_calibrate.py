@@ -127,3 +127,14 @@ def test_an_endless_calibration_iterator_stops_and_warns():
     assert len(batches) == MAX_BATCHES
     with pytest.warns(UserWarning, match="read the first"):
         dsx.quantize(nn.Sequential(nn.Linear(16, 8)), "int8_static", calibration=itertools.repeat(x), progress=False)
+
+
+def test_max_batches_bounds_what_quantize_reads():
+    import itertools
+
+    x = torch.randn(4, 16)
+    read = []
+    data = (read.append(i) or x for i in itertools.count())
+    with pytest.warns(UserWarning, match="read the first 3 batches"):
+        dsx.quantize(nn.Sequential(nn.Linear(16, 8)), "int8_static", calibration=data, max_batches=3, progress=False)
+    assert len(read) == 4  # three taken, one more seen to know there were more
