@@ -216,7 +216,10 @@ class DistillationLoss(nn.Module):
     def task_loss(self, student_out: Any, student_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The supervised term: ``loss_fn``, else the output's own ``.loss``, else cross-entropy."""
         if self.loss_fn is not None:
-            return self.loss_fn(student_logits, target)
+            try:
+                return self.loss_fn(student_logits, target)
+            except Exception as e:
+                raise ValueError(f"loss_fn: raised {type(e).__name__}: {e}") from e
         if isinstance(own := getattr(student_out, "loss", None), torch.Tensor):
             return own
         classes = student_logits.shape[-1]

@@ -97,6 +97,8 @@ CASES = [
     ("distill-teacher-wrong-shape",
      lambda m, d: distill(m, student(), [(torch.randn(4, 7), torch.zeros(4).long())], progress=False),
      "teacher: raised RuntimeError on data batch 0"),
+    ("distill-loss_fn-raises", lambda m, d: distill(m, student(), labels(), loss_fn=lambda a, b: 1 / 0, progress=False),
+     "loss_fn: raised ZeroDivisionError"),
     ("distill-student-raises", lambda m, d: distill(m, Raising(), labels(), progress=False),
      "student: raised RuntimeError on data batch 0"),
     ("schedule-step-not-a-model", lambda m, d: dsx.PruningSchedule(start=0, end=10, steps=5, amount=0.5).step("m", 5),
