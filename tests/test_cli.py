@@ -172,7 +172,7 @@ def test_plot_needs_matplotlib(tmp_path):
     (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--recipe", "r.yaml", "--quantize", "int8"], 2,
      "--quantize does not apply to --recipe"),
     (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--quantize", "int9"], 1,
-     "dsx: error: config: unknown quantization format 'int9'"),
+     "dsx: error: quantize: config: unknown quantization format 'int9'"),
     (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--prune", "1.5"], 2,
      "argument --prune: expected a fraction in [0, 1), got '1.5'"),
     (["optimize", "cli_factory:mlp", "--input-shape", "4,16", "--structured"], 2, "--structured needs --prune"),
