@@ -107,12 +107,13 @@ class ShapeGuards(nn.Module):
                              "take any shape") from None
 
 
-def accepts(model: nn.Module, name: str) -> bool:
-    """Whether ``model.forward`` takes a parameter called ``name``."""
+def accepts(model: nn.Module, name: str, *, or_var: bool = False) -> bool:
+    """Whether ``model.forward`` takes a parameter called ``name``; ``or_var=True`` also counts ``**kwargs``."""
     try:
-        return name in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        return False
+        return or_var
+    return name in params or (or_var and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()))
 
 
 def _with(inputs: Inputs, fixed: dict[str, Any]) -> Inputs:
@@ -204,6 +205,9 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None
     if fixed_kwargs is not None and not (isinstance(fixed_kwargs, dict)
                                          and all(isinstance(k, str) for k in fixed_kwargs)):
         raise TypeError(f"fixed_kwargs: expected a dict of keyword arguments or None, got {fixed_kwargs!r}")
+    for key in fixed_kwargs or {}:
+        if not accepts(model, key, or_var=True):
+            raise ValueError(f"fixed_kwargs: the model's forward takes no argument {key!r}")
     check_dynamic_shapes(dynamic_shapes)
     return capture_inputs(model, normalize_inputs(example_inputs), dynamic_shapes=dynamic_shapes,
                           dynamic_batch=dynamic_batch, fixed_kwargs=fixed_kwargs)

@@ -65,6 +65,8 @@ CASES = [
     ("export-verify-str", lambda m, d: dsx.export(m, x(), d / "m.pt2", verify="no"), "verify"),
     ("capture-dynamic_batch-str", lambda m, d: dsx.capture(m, x(), dynamic_batch="no"), "dynamic_batch"),
     ("capture-fixed_kwargs-str", lambda m, d: dsx.capture(m, x(), fixed_kwargs="x"), "fixed_kwargs"),
+    ("capture-fixed_kwargs-unknown", lambda m, d: dsx.capture(m, x(), fixed_kwargs={"bogus": 1}),
+     "fixed_kwargs: the model's forward takes no argument 'bogus'"),
     ("capture-dynamic_shapes-str", lambda m, d: dsx.capture(m, x(), dynamic_shapes="dynamic"), "dynamic_shapes"),
     ("capture-dynamic_shapes-int", lambda m, d: dsx.capture(m, x(), dynamic_shapes=3), "dynamic_shapes"),
     ("distill-student-str", lambda m, d: distill(m, "student", labels(), progress=False), "student"),
