@@ -40,6 +40,8 @@ def default_workload(model: nn.Module, inputs: Inputs) -> Workload:
     ids = kwargs.get("input_ids", args[0] if args else None)
     if is_generative(model) and isinstance(ids, torch.Tensor) and not ids.is_floating_point():
         gen = {k: v for k, v in kwargs.items() if k in ("input_ids", "attention_mask")} or {"input_ids": ids}
+        if not kwargs and len(args) > 1 and isinstance(args[1], torch.Tensor) and args[1].shape == ids.shape:
+            gen["attention_mask"] = args[1]  # HF forwards take (input_ids, attention_mask, ...) positionally
         pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
         eos = getattr(getattr(model, "config", None), "eos_token_id", None)
         extra = {} if pad is not None else {"pad_token_id": eos if isinstance(eos, int) else 0}

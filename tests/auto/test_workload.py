@@ -104,11 +104,13 @@ def test_generate_workload_for_an_hf_decoder(decoder, ids, form):
     assert torch.equal(out, ref) and torch.equal(work.run(decoder), out)
 
 
-def test_generate_workload_passes_the_attention_mask(decoder):
+@pytest.mark.parametrize("form", ["kwargs", "args"])
+def test_generate_workload_passes_the_attention_mask(decoder, form):
     ids = torch.randint(0, 128, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, :3] = 0
-    work = default_workload(decoder, normalize_inputs({"input_ids": ids, "attention_mask": mask}))
+    given = {"input_ids": ids, "attention_mask": mask} if form == "kwargs" else (ids, mask)
+    work = default_workload(decoder, normalize_inputs(given))
     out = work.run(decoder)
     assert out.shape == (2, 8 + GENERATE_TOKENS)
     ref = decoder.generate(input_ids=ids, attention_mask=mask, max_new_tokens=GENERATE_TOKENS,
