@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from dsx.core.inputs import Inputs, check_module, normalize_inputs, run_model
+from dsx.core.inputs import Inputs, check_module, normalize_inputs
 from dsx.core.transform import VerificationError, compare_outputs
 from dsx.export.onnx_ops import DEFAULT_OPSET, translation_table
 from dsx.export.qdq import qdq_form
@@ -111,7 +111,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     by_cosine = rtol is None and quantized_module(model) is not None
     inputs = normalize_inputs(example_inputs)
     onnx, _ = _require_onnx()
-    model, dynamic_shapes, notes = prepare(model, inputs, dynamic_shapes)
+    model, dynamic_shapes, notes, expected = prepare(model, inputs, dynamic_shapes)
     traced, n_qdq = qdq_form(model)
     if n_qdq:
         notes.append(f"{n_qdq} int8_static linears as QuantizeLinear / DequantizeLinear pairs")
@@ -131,7 +131,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     notes.append(f"opset {opset}")
     if not verify:
         return ExportResult(path, "onnx", notes=notes)
-    reference = [x for x in pytree.tree_leaves(run_model(model, inputs)) if isinstance(x, torch.Tensor)]
+    reference = [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)]
     outputs = run_onnx(path, _named_inputs(program.exported_program, inputs))
     err = compare_outputs(reference, outputs)
     if by_cosine:

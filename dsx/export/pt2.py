@@ -121,15 +121,14 @@ def export_pt2(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *
     """
     check_module(model)
     inputs = normalize_inputs(example_inputs)
-    model, dynamic_shapes, notes = prepare(model, inputs, dynamic_shapes)
+    model, dynamic_shapes, notes, expected = prepare(model, inputs, dynamic_shapes)
     program = torch.export.export(model, *inputs, dynamic_shapes=dynamic_shapes, strict=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, path)
     if not verify:
         return ExportResult(path, "pt2", notes=notes)
-    err = compare_outputs(run_model(model, inputs),
-                          run_model(load_pt2(path), inputs, name="example_inputs (reloaded .pt2 program)"))
+    err = compare_outputs(expected, run_model(load_pt2(path), inputs, name="example_inputs (reloaded .pt2 program)"))
     check_error("pt2", "the reloaded program's outputs", err, rtol)
     notes.append("verified by reloading the file with torch.export.load")
     return ExportResult(path, "pt2", err["max_abs"], err["max_rel"], notes)

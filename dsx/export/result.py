@@ -35,13 +35,14 @@ class ExportResult:
         return f"{self.format} -> {self.path} ({err})"
 
 
-def prepare(model: nn.Module, inputs: Inputs, dynamic_shapes: Any) -> tuple[nn.Module, Any, list[str]]:
+def prepare(model: nn.Module, inputs: Inputs, dynamic_shapes: Any) -> tuple[nn.Module, Any, list[str], Any]:
     """The model to trace (an eval-mode copy if it is training; a copy with pruning / 2:4 masks folded into plain
     weights, so the file holds dense weights with zeros), the resolved ``dynamic_shapes`` (``"batch"`` makes dim 0
-    of every input dynamic) and the notes so far."""
+    of every input dynamic), the notes so far, and that model's outputs on ``inputs`` (the file is verified
+    against them; running it first turns a model that raises on its inputs into a clear error, not the
+    exporter's)."""
     check_finite_parameters(model)  # before anything is written: NaN weights verify against nothing
     check_dynamic_shapes(dynamic_shapes)
-    run_model(model, inputs)  # a model that raises on its inputs: a clear error, not the exporter's
     notes = []
     copied = model.training
     if copied:
@@ -53,7 +54,7 @@ def prepare(model: nn.Module, inputs: Inputs, dynamic_shapes: Any) -> tuple[nn.M
     if dynamic_shapes == "batch":
         check_batchable(inputs, "dynamic_shapes='batch'")
         dynamic_shapes = batch_dynamic_shapes(model, inputs)
-    return model, dynamic_shapes, notes
+    return model, dynamic_shapes, notes, run_model(model, inputs)
 
 
 def check_error(format: str, subject: str, err: dict[str, float], rtol: float) -> None:

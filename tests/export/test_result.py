@@ -27,3 +27,14 @@ def test_a_model_raising_on_its_inputs_is_a_clear_error_before_exporting(tmp_pat
     with pytest.raises(ValueError, match=r"example_inputs: the model raised RuntimeError .*\(2x5 and 4x3\)"):
         dsx.export(nn.Linear(4, 3), torch.randn(2, 5), tmp_path / f"n{suffix}")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
+def test_exporting_a_training_model_leaves_its_batchnorm_statistics_alone(tmp_path, suffix):
+    import dsx
+    from dsx.models import TinyResNet, randomize_batchnorm
+
+    model = randomize_batchnorm(TinyResNet(width=8)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dsx.export(model, torch.randn(2, 3, 16, 16), tmp_path / f"m{suffix}")
+    assert model.training and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
