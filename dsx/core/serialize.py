@@ -110,8 +110,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def saved_dtypes(path: Path) -> dict[str, torch.dtype]:
-    """The dtype of every tensor in a safetensors file, read from its header.
+def saved_dtypes(path: Path) -> dict[str, str]:
+    """The safetensors dtype (``"F32"``, ...) of every tensor in a safetensors file, read from its header.
 
     Raises:
         ValueError: the file is corrupt or truncated.
@@ -126,10 +126,9 @@ def saved_dtypes(path: Path) -> dict[str, torch.dtype]:
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _check_dtypes(model: nn.Module, path: Path, dtype: torch.dtype | None) -> None:
-    """Refuse saved floating tensors whose dtype differs from the rebuilt model's, unless ``dtype`` names the
-    model's dtype (then they are converted)."""
-    saved = saved_dtypes(path)
+def _check_dtypes(model: nn.Module, saved: dict[str, str], path: Path, dtype: torch.dtype | None) -> None:
+    """Refuse saved floating tensors (``saved``: their safetensors dtypes) whose dtype differs from the rebuilt
+    model's, unless ``dtype`` names the model's dtype (then they are converted)."""
     for name, t in model.state_dict().items():
         got = DTYPES.get(saved.get(name, ""))
         if got is None or not t.is_floating_point() or got == t.dtype or t.dtype == dtype:
@@ -182,10 +181,10 @@ def load(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None
         raise ValueError(f"load: {path} holds a {meta['origin']}, but the model given is a {origin(model)}")
     if history(model):
         raise ValueError("load: the model given was already transformed by dsx; pass a fresh instance")
-    saved_dtypes(path / WEIGHTS)
+    saved = saved_dtypes(path / WEIGHTS)  # a corrupt file is refused before anything is replayed
     model = copy.deepcopy(model).train(meta["training"])
     model = _replay(model, meta, path / META)
-    _check_dtypes(model, path / WEIGHTS, dtype)
+    _check_dtypes(model, saved, path / WEIGHTS, dtype)
     try:
         load_model(model, str(path / WEIGHTS), strict=True, device=str(model_device(model)))
     except (RuntimeError, SafetensorError) as e:
