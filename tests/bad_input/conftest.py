@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -110,3 +111,20 @@ def tree_digest(path: Path) -> dict[str, str]:
         return {}
     return {str(p.relative_to(path)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
             for p in sorted(path.rglob("*"))}
+
+
+BAD = (TypeError, ValueError)
+"""What a refused call raises: a wrong type or a bad value."""
+
+
+def case(id: str, call: Any, match: str, exc: Any = BAD, make: Any = mlp) -> Any:
+    """One parametrized refusal: ``call(make())`` raises ``exc`` with a message matching ``match``."""
+    return pytest.param(make, call, exc, match, id=id)
+
+
+def assert_refused(model: nn.Module, call: Any, exc: Any, match: str, *args: Any) -> None:
+    """``call(model, *args)`` raises ``exc`` matching ``match`` and leaves ``model`` exactly as it was."""
+    snap = snapshot(model)
+    with pytest.raises(exc, match=match):
+        call(model, *args)
+    assert_untouched(model, snap)

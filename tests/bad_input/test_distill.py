@@ -7,11 +7,10 @@ import torch.nn as nn
 
 import dsx
 from dsx.compress import DistillationLoss
-from tests.bad_input.conftest import assert_untouched, mlp, nan_mlp, nan_x, snapshot, x
+from tests.bad_input.conftest import BAD, assert_untouched, mlp, nan_mlp, nan_x, snapshot, x
 
 pytestmark = pytest.mark.timeout(60)
 
-BAD = (TypeError, ValueError)
 
 
 def student():

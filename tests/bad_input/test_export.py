@@ -9,11 +9,10 @@ import torch
 
 import dsx
 from dsx.export.pt2 import load_pt2
-from tests.bad_input.conftest import Raising, assert_untouched, mlp, nan_x, snapshot, tree_digest, x
+from tests.bad_input.conftest import Raising, assert_refused, case, mlp, nan_x, tree_digest, x
 
 pytestmark = pytest.mark.timeout(60)
 
-BAD = (TypeError, ValueError)
 
 
 def qat_model():
@@ -23,9 +22,6 @@ def qat_model():
 def one_row():
     return x()[:1]
 
-
-def case(id, call, match, exc=BAD, make=mlp):
-    return pytest.param(make, call, exc, match, id=id)
 
 
 CASES = [
@@ -75,11 +71,7 @@ def test_refused(make, call, exc, match, tmp_path):
     (tmp_path / "file").write_text("not a directory")
     (tmp_path / "dir.pt2").mkdir()
     before = tree_digest(tmp_path)
-    model = make()
-    snap = snapshot(model)
-    with pytest.raises(exc, match=match):
-        call(model, tmp_path)
-    assert_untouched(model, snap)
+    assert_refused(make(), call, exc, match, tmp_path)
     assert tree_digest(tmp_path) == before, "a refused export wrote files"
 
 

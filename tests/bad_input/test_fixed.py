@@ -9,12 +9,11 @@ import torch
 import dsx
 from dsx.compress.distill import distill
 from dsx.parallel import load_checkpoint, save_checkpoint
-from tests.bad_input.conftest import (Raising, assert_untouched, convnet, img, mlp, nan_mlp, snapshot, tree_digest,
-                                      x)
+from tests.bad_input.conftest import (BAD, Raising, assert_refused, assert_untouched, convnet, img, mlp, nan_mlp,
+                                      snapshot, tree_digest, x)
 
 pytestmark = pytest.mark.timeout(60)
 
-BAD = (TypeError, ValueError)
 
 
 def student():
@@ -117,11 +116,7 @@ def test_refused_with_the_argument_named(tmp_path, call, match):
     (tmp_path / "file").write_text("x")
     (tmp_path / "dir.pt2").mkdir()
     files = tree_digest(tmp_path)
-    model = mlp()
-    snap = snapshot(model)
-    with pytest.raises(BAD, match=match):
-        call(model, tmp_path)
-    assert_untouched(model, snap)
+    assert_refused(mlp(), call, BAD, match, tmp_path)
     assert tree_digest(tmp_path) == files
 
 

@@ -13,17 +13,13 @@ import torch.nn as nn
 
 import dsx
 from dsx.parallel import all_reduce_scalar, compress_gradients, load_checkpoint, save_checkpoint, sync_observers
-from tests.bad_input.conftest import assert_untouched, mlp, snapshot, tree_digest, x
+from tests.bad_input.conftest import assert_refused, assert_untouched, case, mlp, snapshot, tree_digest, x
 
 pytestmark = [pytest.mark.timeout(60),
               pytest.mark.skipif(dist.is_available() and dist.is_initialized(),
                                  reason="these cases are about running without a process group")]
 
-BAD = (TypeError, ValueError)
 
-
-def case(id, call, match, exc=BAD, make=mlp):
-    return pytest.param(make, call, exc, match, id=id)
 
 
 SPEC_CASES = [
@@ -103,11 +99,7 @@ def ckpt_dir(tmp_path):
 @pytest.mark.parametrize("make, call, exc, match", CASES)
 def test_refused(make, call, exc, match, ckpt_dir):
     before = tree_digest(ckpt_dir)
-    model = make()
-    snap = snapshot(model)
-    with pytest.raises(exc, match=match):
-        call(model, ckpt_dir)
-    assert_untouched(model, snap)
+    assert_refused(make(), call, exc, match, ckpt_dir)
     assert tree_digest(ckpt_dir) == before, "a refused call changed the checkpoint files"
 
 

@@ -10,11 +10,10 @@ import torch
 import torch.nn as nn
 
 import dsx
-from tests.bad_input.conftest import assert_untouched, convnet, mlp, snapshot, tree_digest
+from tests.bad_input.conftest import BAD, assert_refused, assert_untouched, convnet, mlp, snapshot, tree_digest
 
 pytestmark = pytest.mark.timeout(60)
 
-BAD = (TypeError, ValueError)
 
 
 def transformed():
@@ -48,11 +47,7 @@ def test_save_refused(make, call, exc, match, tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     before = tree_digest(tmp_path)
-    model = make()
-    snap = snapshot(model)
-    with pytest.raises(exc, match=match):
-        call(model, tmp_path)
-    assert_untouched(model, snap)
+    assert_refused(make(), call, exc, match, tmp_path)
     assert tree_digest(tmp_path) == before, "a refused save changed the files"
 
 
@@ -161,9 +156,5 @@ LOAD_CASES = [
 def test_load_refused(saved, make, call, exc, match, tmp_path):
     path = dsx.save(saved(), tmp_path / "saved")
     before = tree_digest(tmp_path)
-    model = make()
-    snap = snapshot(model)
-    with pytest.raises(exc, match=match):
-        call(model, path)
-    assert_untouched(model, snap)
+    assert_refused(make(), call, exc, match, path)
     assert tree_digest(tmp_path) == before, "a refused load changed the files"
