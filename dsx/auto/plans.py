@@ -101,7 +101,7 @@ def format_configs(device: torch.device, formats: Sequence[Any] | None, calibrat
     configs = []
     for name in valid_formats():
         config = resolve_config(name)
-        if (config.calibrated and not calibrated) or config.unsupported(device) or not config.fast_on(device):
+        if (config.needs_calibration() and not calibrated) or config.unsupported(device) or not config.fast_on(device):
             continue
         configs.append(config)
         if config.quantizes_linears and config.dtype is None and config.linear is not None:

@@ -79,7 +79,7 @@ class Search:
         fmt = plan.name.removesuffix("+compile")
         data = [b[1] or b[0] for b in self.batches]
         first = (known := self.resolved.get(fmt)) is None
-        calibration = data if plan.quantize is not None and plan.quantize.calibrated else None
+        calibration = data if plan.quantize is not None and plan.quantize.needs_calibration() else None
         quantize = known
         if first and plan.quantize is not None:
             quantize = Quantize(plan.quantize, calibration=calibration, progress=False)

@@ -16,6 +16,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from dsx.kernels.int4_mm import GROUP_SIZES
+from dsx.quant.int4 import ALGORITHMS as INT4_ALGORITHMS
+from dsx.quant.int4 import Int4WeightOnlyLinear
 from dsx.quant.linear import (FP8Linear, FP8WeightOnlyLinear, Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear,
                               QuantLinear, fp8_supported, linear_weight)
 
@@ -97,9 +100,20 @@ class QuantConfig:
             return "weight is not floating point"
         return None
 
+    def needs_calibration(self) -> bool:
+        """Whether building this format's layers needs calibration batches (activation ranges or a solver)."""
+        return self.calibrated
+
+    def solve(self, model: nn.Module, linears: dict[str, nn.Module], batches: list[Any],
+              progress: bool = True) -> dict[str, Any] | None:
+        """A data-driven solver's per-layer result (passed to ``build`` as ``solved``); None: the format calibrates
+        activation ranges instead. The model must end unchanged."""
+        return None
+
     def build(self, module: nn.Module, *, input_amax: float | None = None, smooth: torch.Tensor | None = None,
-              replay: bool = False) -> nn.Module:
-        """The quantized replacement of the linear ``module`` (``input_amax`` / ``smooth``: calibrated formats)."""
+              replay: bool = False, solved: Any = None) -> nn.Module:
+        """The quantized replacement of the linear ``module`` (``input_amax`` / ``smooth``: calibrated formats;
+        ``solved``: this layer's entry of ``solve``)."""
         assert self.linear is not None, f"{type(self).__name__} quantizes no linears"
         return self.linear.from_float(module)
 
@@ -189,12 +203,75 @@ class Int8Static(QuantConfig):
             raise ValueError(f"smoothquant: expected alpha in [0, 1] or None, got {self.smoothquant!r}")
 
     def build(self, module: nn.Module, *, input_amax: float | None = None, smooth: torch.Tensor | None = None,
-              replay: bool = False) -> nn.Module:
+              replay: bool = False, solved: Any = None) -> nn.Module:
         if replay:  # the calibrated scales come from the saved weights
             k = linear_weight(module)[0].shape[1]
             return Int8StaticLinear.from_float(module, smooth=torch.ones(k) if self.smoothquant is not None else None)
         assert input_amax is not None, "int8_static needs the calibrated input range"
         return Int8StaticLinear.from_float(module, input_amax=input_amax, smooth=smooth)
+
+
+@dataclass(frozen=True)
+class Int4WeightOnly(QuantConfig):
+    """``"int4_weight_only"`` (W4A16): asymmetric 4-bit weights with a scale and zero per ``group_size`` input
+    columns, float activations.
+
+    ``algorithm``: ``"hqq"`` (default, no data: half-quadratic optimization of each group's scale and zero),
+    ``"gptq"`` (needs ``calibration``: per-layer Hessians, error propagation, block by block; ``damp`` is the
+    Hessian damping as a fraction of its mean diagonal, ``act_order`` quantizes columns by decreasing Hessian
+    diagonal) or ``"rtn"`` (round to nearest, the baseline). Linears whose ``in_features`` ``group_size`` does not
+    divide stay float.
+    """
+
+    format = "int4_weight_only"
+    tolerance = 0.3
+    linear = Int4WeightOnlyLinear
+
+    group_size: int = 128
+    algorithm: str = "hqq"
+    act_order: bool = False
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if type(self.group_size) is not int or self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size: expected one of {list(GROUP_SIZES)}, got {self.group_size!r}")
+        if self.algorithm not in INT4_ALGORITHMS:
+            raise ValueError(f"algorithm: expected one of {list(INT4_ALGORITHMS)}, got {self.algorithm!r}")
+        if not isinstance(self.act_order, bool):
+            raise TypeError(f"act_order: expected True or False, got {self.act_order!r}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
+            raise ValueError(f"damp: expected a fraction in (0, 1), got {self.damp!r}")
+
+    def needs_calibration(self) -> bool:
+        return self.algorithm == "gptq"
+
+    def fast_on(self, device: torch.device) -> bool:
+        # CPU: fast for decode (up to 16 rows per matmul), slower than fp32 for the batches a search measures
+        return device.type == "cuda" and super().fast_on(device)
+
+    def rejects(self, module: nn.Module) -> str | None:
+        k = linear_weight(module)[0].shape[1]
+        if k % self.group_size:
+            return f"in_features={k} is not a multiple of group_size={self.group_size}"
+        return super().rejects(module)
+
+    def solve(self, model: nn.Module, linears: dict[str, nn.Module], batches: list[Any],
+              progress: bool = True) -> dict[str, Any] | None:
+        if self.algorithm != "gptq":
+            return None
+        from dsx.quant.gptq import gptq_sequential
+
+        return gptq_sequential(model, batches, linears, group_size=self.group_size, damp=self.damp,
+                               act_order=self.act_order, progress=progress)
+
+    def build(self, module: nn.Module, *, input_amax: float | None = None, smooth: torch.Tensor | None = None,
+              replay: bool = False, solved: Any = None) -> nn.Module:
+        if solved is not None:
+            return Int4WeightOnlyLinear.from_quantized(module, *solved, group_size=self.group_size)
+        # replay: the weights come from the file, so the cheapest data-free build has the right structure
+        algorithm = "rtn" if replay or self.algorithm == "gptq" else self.algorithm
+        return Int4WeightOnlyLinear.from_float(module, group_size=self.group_size, algorithm=algorithm)
 
 
 @dataclass(frozen=True)
@@ -210,7 +287,7 @@ class _Bitsandbytes(QuantConfig):
         return super().rejects(module)
 
     def build(self, module: nn.Module, *, input_amax: float | None = None, smooth: torch.Tensor | None = None,
-              replay: bool = False) -> nn.Module:
+              replay: bool = False, solved: Any = None) -> nn.Module:
         from dsx.quant.bnb import to_bnb
 
         return to_bnb(module, self.format)

@@ -214,15 +214,16 @@ class Quantize(Transform):
                 set_module(model, name, linears[name])
         return {n: o.activation.amax() for n, o in stats.items() if o.activation.count}, smooth
 
-    def build(self, name: str, module: nn.Module, amax: dict[str, float],
-              smooth: dict[str, torch.Tensor]) -> nn.Module:
-        """The quantized replacement of one module."""
+    def build(self, name: str, module: nn.Module, amax: dict[str, float], smooth: dict[str, torch.Tensor],
+              solved: Any = None) -> nn.Module:
+        """The quantized replacement of one module (``solved``: its entry of the format's ``solve``)."""
         spec = self.spec
         if isinstance(module, nn.Embedding):
             return QuantizedEmbedding.from_float(module, bits=spec.embeddings)
         if self.qat:
             return QATLinear.from_float(module, spec.format, amax.get(name))
-        return spec.build(module, input_amax=amax.get(name), smooth=smooth.get(name), replay=self.replay)
+        return spec.build(module, input_amax=amax.get(name), smooth=smooth.get(name), replay=self.replay,
+                          solved=solved)
 
     def budget(self, model: nn.Module, built: dict[str, nn.Module], batches: list[Any]) -> list[str]:
         """Names to keep float so the output error stays within ``max_error``: the most sensitive layers first."""
@@ -290,17 +291,22 @@ class Quantize(Transform):
         linears = {n: m for n, m in chosen.items() if not isinstance(m, nn.Embedding)}
         amax: dict[str, float] = {}
         smooth: dict[str, torch.Tensor] = {}
-        if spec.calibrated and linears and not self.replay:
+        solved: dict[str, Any] = {}
+        if spec.needs_calibration() and linears and not self.replay:
             if batches is None and not self.qat:
                 raise ValueError(f"calibration: the {spec.format!r} format needs calibration data (an iterable of "
-                                 "input batches) to set the activation scales")
+                                 "input batches)")
             if batches is not None:
-                amax, smooth = self.calibrate(model, linears, batches)
+                solution = spec.solve(model, linears, batches, progress=self.progress)
+                if solution is None:
+                    amax, smooth = self.calibrate(model, linears, batches)
+                else:
+                    solved = solution
                 if not self.qat:
-                    for name in [n for n in linears if n not in amax]:
+                    for name in [n for n in linears if n not in amax and n not in solved]:
                         skipped[name] = "not called on the calibration data"
                         chosen.pop(name)
-        built = {n: self.build(n, m, amax, smooth) for n, m in chosen.items()}
+        built = {n: self.build(n, m, amax, smooth, solved.get(n)) for n, m in chosen.items()}
         kept: list[str] = []
         if self.max_error is not None and not self.replay and built:
             data = batches if batches is not None else ([inputs[1] or inputs[0]] if inputs is not None else None)
