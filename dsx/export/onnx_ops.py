@@ -146,6 +146,23 @@ def translation_table(opset: int = DEFAULT_OPSET) -> dict[Any, Callable]:
             y = op.Add(y, cast(bias, bias.dtype, ct))
         return cast(y, ct, x.dtype)
 
+    def int4_weight_only_mm(x, qweight, scale, zero, group_size: int, bias=None, packed=None, scales_zeros=None):
+        """The packed nibbles unpacked (``BitwiseAnd`` / ``BitShift``), ``(q - zero) * scale`` per group in fp32
+        (zeros may be fractional, which ``DequantizeLinear`` cannot express), then ``MatMul``; the CPU-packed copy
+        is not exported."""
+        ct = compute_type(x.dtype)
+        n, half = qweight.shape
+        low = op.BitwiseAnd(qweight, op.Constant(value=ir.tensor(15, ir.DataType.UINT8)))
+        high = op.BitShift(qweight, op.Constant(value=ir.tensor(4, ir.DataType.UINT8)), direction="RIGHT")
+        codes = op.Concat(op.Unsqueeze(low, [-1]), op.Unsqueeze(high, [-1]), axis=-1)
+        grouped = op.Reshape(op.Cast(codes, to=ir.DataType.FLOAT), op.Constant(value_ints=[n, -1, group_size]))
+        w = op.Mul(op.Sub(grouped, op.Unsqueeze(zero, [-1])), op.Unsqueeze(scale, [-1]))
+        weight = op.Transpose(op.Reshape(w, op.Constant(value_ints=[n, 2 * half])), perm=[1, 0])
+        y = op.MatMul(cast(x, x.dtype, ct), cast(weight, ir.DataType.FLOAT, ct))
+        if bias is not None:
+            y = op.Add(y, cast(bias, bias.dtype, ct))
+        return cast(y, ct, x.dtype)
+
     def quantize_fp8_rowwise(x):
         """Row-wise e4m3 as ``dsx.kernels.quantize_fp8_rowwise``: a per-row ``QuantizeLinear`` (opset 19 float8,
         saturating, round to nearest even) by ``max(|row|, 1e-12) / 448``. 2-D inputs only (``FP8QDQLinear`` passes
@@ -187,6 +204,7 @@ def translation_table(opset: int = DEFAULT_OPSET) -> dict[Any, Callable]:
         ops.quantize_per_token.default: quantize_per_token,
         ops.int8_scaled_mm.default: int8_scaled_mm,
         ops.int8_weight_only_mm.default: int8_weight_only_mm,
+        ops.int4_weight_only_mm.default: int4_weight_only_mm,
         ops.quantize_fp8_rowwise.default: quantize_fp8_rowwise,
         ops.add_layer_norm.default: add_layer_norm,
         ops.add_rms_norm.default: add_rms_norm,

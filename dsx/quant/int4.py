@@ -142,14 +142,8 @@ class Int4WeightOnlyLinear(QuantLinear):
         return self
 
     def _apply(self, fn: Any, recurse: bool = True) -> Int4WeightOnlyLinear:
-        """Moves follow ``fn``; dtype casts (``.half()``, ``.to(torch.bfloat16)``) reach only the bias, since the
-        float32 scales and zeros are part of the quantized weight."""
-        kept = {name: getattr(self, name) for name in ("scale", "zero")}
         super()._apply(fn, recurse)
-        for name, value in kept.items():
-            setattr(self, name, value.to(getattr(self, name).device))
-        self.repack()  # the packed copy exists only on the CPU, and its bf16 scales must not be cast
-        return self
+        return self.repack()  # the packed copy exists only on the CPU
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int4(self.qweight, self.scale, self.zero)

@@ -106,6 +106,17 @@ class QuantLinear(nn.Module, abc.ABC):
             return _StraightThrough.apply(x, self)
         return self.quantized_forward(x)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        """Device moves reach every buffer; dtype casts (``.half()``, ``.to(torch.bfloat16)``) reach only the bias:
+        the quantized weight and its float32 scales keep their dtypes (and their precision)."""
+        kept = {n: b for n, b in self._buffers.items() if b is not None and n != "bias"}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input's last dim is {x.shape[-1]}, expected {self.in_features}")

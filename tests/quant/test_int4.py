@@ -152,3 +152,11 @@ def test_gptq_without_calibration_is_refused(mlp):
     with pytest.raises(ValueError, match="calibration"):
         dsx.quantize(mlp, Int4WeightOnly(algorithm="gptq"), progress=False)
     assert isinstance(mlp.up, nn.Linear)
+
+
+def test_onnx_export_is_verified_in_onnxruntime(mlp, tmp_path):
+    pytest.importorskip("onnxruntime")
+    q = dsx.quantize(mlp, Int4WeightOnly(group_size=64), progress=False)
+    result = dsx.export(q, torch.randn(2, 128), tmp_path / "q.onnx")
+    assert result.max_rel is not None and 0 < result.max_rel < 2e-2  # the CPU kernel's bf16 vs the graph's fp32
+    assert result.path.stat().st_size < 0.4 * sum(p.numel() * 4 for p in mlp.parameters())
