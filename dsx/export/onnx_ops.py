@@ -126,13 +126,19 @@ def translation_table(opset: int = DEFAULT_OPSET) -> dict[Any, Callable]:
         q = op.Round(op.Mul(h, op.Mul(op.Reciprocal(amax), const(127.0, ir.DataType.FLOAT))))
         return op.Cast(q, to=ir.DataType.INT8), op.Div(amax, const(127.0, ir.DataType.FLOAT))
 
+    def to_uint8(t):
+        """int8 ``t`` as ``t + 128`` in uint8 (the same integers with a zero point of 128)."""
+        shifted = op.Add(op.Cast(t, to=ir.DataType.INT16), op.Constant(value=ir.tensor(128, ir.DataType.INT16)))
+        return op.Cast(shifted, to=ir.DataType.UINT8)
+
     def int8_scaled_mm(a, a_scale, b, b_scale, bias=None, out_dtype: Any = ir.DataType.FLOAT):
-        """``MatMulInteger`` (exact int32) and the fp32 epilogue ``* a_scale * b_scale + bias``. ``a`` goes in as
-        ``a + 128`` in uint8 with zero point 128 (the same integers): onnxruntime's fast kernels are uint8 x int8."""
-        a_u8 = op.Cast(op.Add(op.Cast(a, to=ir.DataType.INT16), op.Constant(value=ir.tensor(128, ir.DataType.INT16))),
-                       to=ir.DataType.UINT8)
+        """``MatMulInteger`` (exact int32) and the fp32 epilogue ``* a_scale * b_scale + bias``. Both operands go in
+        as uint8 with zero point 128 (the same integers): onnxruntime's uint8 x int8 kernels sum pairs of products in
+        int16 on CPUs without VNNI, which saturates; uint8 x uint8 is exact on every CPU (the weight's shift is
+        constant-folded when the session loads)."""
         zero = op.Constant(value=ir.tensor(128, ir.DataType.UINT8))
-        y = op.Mul(op.Mul(op.Cast(op.MatMulInteger(a_u8, b, zero), to=ir.DataType.FLOAT), a_scale), b_scale)
+        y = op.Mul(op.Mul(op.Cast(op.MatMulInteger(to_uint8(a), to_uint8(b), zero, zero), to=ir.DataType.FLOAT),
+                          a_scale), b_scale)
         if bias is not None:
             y = op.Add(y, cast(bias, bias.dtype, ir.DataType.FLOAT))
         return cast(y, ir.DataType.FLOAT, out_dtype)

@@ -8,14 +8,13 @@ search read this registry, so adding a format is one class here.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
+from dsx.core.hardware import cpu_flags
 from dsx.kernels.int4_mm import GROUP_SIZES
 from dsx.quant.int4 import ALGORITHMS as INT4_ALGORITHMS
 from dsx.quant.int4 import Int4WeightOnlyLinear
@@ -23,16 +22,6 @@ from dsx.quant.linear import (FP8Linear, FP8WeightOnlyLinear, Int8Linear, Int8St
                               QuantLinear, fp8_supported, linear_weight)
 
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of ``/proc/cpuinfo`` (empty where it does not exist)."""
-    info = Path("/proc/cpuinfo")
-    for line in info.read_text().splitlines() if info.exists() else []:
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
 
 
 def native_dtype(device: torch.device, dtype: torch.dtype) -> bool:

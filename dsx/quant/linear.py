@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dsx.kernels.int8_fbgemm import int8_dynamic_mm_fbgemm, int8_scaled_mm_fbgemm, prepack, use_fbgemm
 from dsx.kernels.int8_mm import int8_scaled_mm, int8_scaled_mm_cpu, int8_weight_only_mm
 from dsx.kernels.quantize_fp8 import quantize_fp8_rowwise
 from dsx.kernels.quantize_per_token import quantize_per_token, quantize_per_token_cpu
@@ -66,6 +67,7 @@ class QuantLinear(nn.Module, abc.ABC):
     format: ClassVar[str] = ""
     description: ClassVar[str] = ""
     weight_dtype: ClassVar[torch.dtype] = torch.int8
+    _fbgemm: tuple[Any, ...] | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype: torch.dtype = torch.float32,
                  device: Any = None) -> None:
@@ -92,6 +94,16 @@ class QuantLinear(nn.Module, abc.ABC):
     def dequantize(self) -> torch.Tensor:
         """The float weight ``[out, in]`` these integers stand for."""
         return self.weight.float() * self.weight_scale[:, None]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fbgemm": None}  # a copy packs its own weight on first use
+
+    def _fbgemm_pack(self) -> Any:
+        """fbgemm's packed copy of the int8 weight (never saved), rebuilt when the weight or its scales change."""
+        w, s, cached = self.weight, self.weight_scale, self._fbgemm
+        if cached is None or cached[0] is not w or cached[1] is not s or cached[2] != (w._version, s._version):
+            self._fbgemm = cached = (w, s, (w._version, s._version), prepack(w, s))
+        return cached[3]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -145,7 +157,9 @@ class Int8Linear(QuantLinear):
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._rows(x)
-        if eager_cpu(rows):
+        if eager_cpu(rows) and use_fbgemm(rows, rows.shape[0]):
+            out = int8_dynamic_mm_fbgemm(rows, self._fbgemm_pack(), self.bias)
+        elif eager_cpu(rows):
             xq, xs = quantize_per_token_cpu(rows)
             out = int8_scaled_mm_cpu(xq, xs, self.weight.t(), self.weight_scale, self.bias, x.dtype)
         else:
@@ -195,7 +209,10 @@ class Int8StaticLinear(QuantLinear):
             rows = rows * self.smooth
         xq = torch.mul(rows, 1.0 / self.input_scale).round_().clamp_(-127, 127).to(torch.int8)
         xs = self.input_scale.expand(rows.shape[0], 1)
-        out = int8_scaled_mm(xq, xs, self.weight.t(), self.weight_scale, self.bias, x.dtype)
+        if eager_cpu(rows) and use_fbgemm(rows, rows.shape[0]):
+            out = int8_scaled_mm_fbgemm(xq, xs, self._fbgemm_pack(), self.bias, x.dtype)
+        else:
+            out = int8_scaled_mm(xq, xs, self.weight.t(), self.weight_scale, self.bias, x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 

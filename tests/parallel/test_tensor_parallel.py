@@ -251,4 +251,5 @@ def test_bad_input_is_refused(ranks, case, expected):
 
 def test_world_size_one_is_a_no_op_split():
     (result,) = run_distributed(run_world_one, world=1)
-    assert result["float"] < 1e-6 and result["int8"] == 0.0, result
+    # the same integer products; the CPU kernels (fbgemm, torch._int_mm) may round the fp32 epilogue differently
+    assert result["float"] < 1e-6 and result["int8"] < 1e-6, result

@@ -1,8 +1,12 @@
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+import dsx.quant.linear as quant_linear
+from dsx.kernels.int8_fbgemm import fbgemm_available
 from dsx.quant.linear import (FP8, FP8Linear, FP8WeightOnlyLinear, Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear,
                               fp8_supported, is_linear, linear_weight, quantize_weight_fp8, quantize_weight_int8)
 
@@ -46,13 +50,28 @@ def test_close_to_float(cls, shape, linear):
     assert cosine(out, linear(x).detach()) > (0.999 if "int8" in cls.format else 0.995)
 
 
-def test_int8_linear_matches_an_exact_integer_computation(linear):
+def test_int8_linear_matches_an_exact_integer_computation(linear, monkeypatch):
+    monkeypatch.setattr(quant_linear, "use_fbgemm", lambda x, rows: False)  # the torch._int_mm path
     x = torch.randn(9, 64)
     q = Int8Linear.from_float(linear)
     amax = x.abs().amax(1, keepdim=True)
     xq = torch.round(x * (127 / amax)).clamp(-127, 127)
     ref = (xq.double() @ q.weight.double().t()) * (amax.double() / 127) * q.weight_scale.double() + linear.bias.double()
     assert torch.allclose(q(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no fbgemm")
+@pytest.mark.parametrize("cls", [Int8Linear, Int8StaticLinear], ids=lambda c: c.format)
+def test_fbgemm_and_aten_paths_agree(cls, linear, monkeypatch):
+    q = cls.from_float(linear)
+    x = torch.randn(2, 5, 64)
+    monkeypatch.setattr(quant_linear, "use_fbgemm", lambda x, rows: False)
+    ref = q(x)
+    monkeypatch.setattr(quant_linear, "use_fbgemm", lambda x, rows: True)
+    assert torch.allclose(q(x), ref, rtol=1e-5, atol=1e-5)
+    q.weight.mul_(-1)  # an in-place change of the weight repacks
+    assert torch.allclose(q(x), 2 * q.bias - ref, rtol=1e-5, atol=1e-5)
+    assert copy.deepcopy(q)._fbgemm is None and torch.equal(copy.deepcopy(q)(x), q(x))
 
 
 def test_bf16_activations_keep_their_dtype(linear):

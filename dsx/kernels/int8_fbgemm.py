@@ -1,0 +1,96 @@
+"""The CPU W8A8 matmul on fbgemm (``quantized::linear_dynamic`` on weights prepacked once): fast on every x86 CPU with
+AVX2, where ``torch._int_mm`` has a fast kernel only with AVX512-VNNI, and the fastest at decode's few rows.
+
+It computes exactly what ``int8_scaled_mm`` does. fbgemm quantizes a float input itself (7-bit codes, so that pairs of
+u8 x s8 products cannot overflow int16 without VNNI); the int8 activations are therefore fed as their positive and
+negative parts (integers 0..127) with a row of 127s that pins fbgemm's input scale to exactly 1, and the int32
+products of the two halves are subtracted: the same exact integer product, at the cost of twice the rows (free at
+decode sizes, where the weight's bytes set the time).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from dsx.core.hardware import has_int8_dot
+from dsx.kernels.quantize_per_token import AMAX_MIN
+
+MAX_ROWS_WITH_INT8_DOT = 16
+"""With AVX512-VNNI, rows up to this many run fbgemm (ahead at decode sizes), more run ``torch._int_mm``."""
+QMAX = 127
+ONE_ROW_LIFT = 2.0**20
+"""A single row is multiplied by this (exactly: a power of two) before fbgemm, whose input scale is at least 6.1e-5:
+rows with ``amax >= 7.3e-9`` then keep their own scale ``amax / 127``; the product is divided back."""
+"""fbgemm's activation codes with ``reduce_range`` are 0..127: the halves of int8 values in [-127, 127] fit exactly."""
+
+
+@functools.lru_cache(maxsize=None)
+def fbgemm_available() -> bool:
+    """Whether this torch build has fbgemm's dynamic quantized linear (x86 builds do)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+def use_fbgemm(x: torch.Tensor, rows: int) -> bool:
+    """Whether ``rows`` rows of the CPU tensor ``x`` run fbgemm rather than ``torch._int_mm``: always without int8
+    dot-product instructions, up to ``MAX_ROWS_WITH_INT8_DOT`` rows with them."""
+    return (x.device.type == "cpu" and fbgemm_available()
+            and (not has_int8_dot() or rows <= MAX_ROWS_WITH_INT8_DOT))
+
+
+def prepack(w: torch.Tensor, w_scale: torch.Tensor) -> Any:
+    """fbgemm's packed form of the symmetric per-channel int8 weight ``w`` [N, K] with fp32 scales ``w_scale`` [N]
+    (an opaque object: kept beside the layer's plain buffers, never saved)."""
+    zeros = torch.zeros(w.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # torch flags quantized tensors as deprecated; this one lives only for the pack
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(w.cpu(), w_scale.cpu().double(), zeros, 0)
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def _halves_mm(v: torch.Tensor, packed: Any, pin: float | None) -> torch.Tensor:
+    """fbgemm's product of the positive and negative parts of the rows ``v`` [M, K] (and a last row of ``pin``s when
+    given, which sets fbgemm's input range): ``(codes(v+) - codes(v-)) @ W^T * input_scale * w_scale``, fp32 [M, N].
+    fbgemm's codes of a part are ``round(part / input_scale)`` in 0..127, with ``input_scale`` its range / 127."""
+    m = v.shape[0]
+    parts = (v, v.neg()) if pin is None else (v, v.neg(), v.new_full((1, v.shape[1]), pin))
+    y = torch.ops.quantized.linear_dynamic(torch.cat(parts).relu_(), packed, True)
+    return torch.sub(y[:m], y[m:2 * m])
+
+
+def _epilogue(acc: torch.Tensor, a_scale: torch.Tensor, bias: Optional[torch.Tensor],
+              out_dtype: torch.dtype) -> torch.Tensor:
+    out = acc.mul_(a_scale)
+    return (out if bias is None else out.add_(bias)).to(out_dtype)
+
+
+def int8_scaled_mm_fbgemm(a: torch.Tensor, a_scale: torch.Tensor, packed: Any, bias: Optional[torch.Tensor] = None,
+                          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(a @ W^T) * a_scale * w_scale + bias`` with an exact int32 product, as ``int8_scaled_mm`` computes it.
+
+    Args:
+        a: int8 [M, K] with values in [-127, 127] (what ``quantize_per_token`` and the static quantizer produce).
+        a_scale: float32 [M, 1] (or broadcast to it), per-row scales.
+        packed: ``prepack(w, w_scale)`` of the int8 weight ``W`` [N, K] and its float32 scales [N].
+        bias: a floating [N] tensor or None.
+        out_dtype: the result's dtype.
+
+    Returns:
+        A new [M, N] tensor of ``out_dtype``.
+    """
+    return _epilogue(_halves_mm(a.float(), packed, QMAX), a_scale, bias, out_dtype)
+
+
+def int8_dynamic_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``quantize_per_token`` then ``int8_scaled_mm_fbgemm`` in fewer operations, fbgemm doing the rounding: the same
+    codes (but for the rounding of ``x * 127 / amax`` against ``x / (amax / 127)``) and scales for float rows ``x``
+    [M, K]. One row needs no division by ``amax``: fbgemm's range of its parts is its own (lifted) ``amax``. Returns
+    ``x.dtype`` [M, N]."""
+    if x.shape[0] == 1:
+        out = _halves_mm(x.float() * ONE_ROW_LIFT, packed, None).mul_(1 / ONE_ROW_LIFT)
+        return (out if bias is None else out.add_(bias)).to(x.dtype)
+    amax = x.abs().amax(-1, keepdim=True).float().clamp_min_(AMAX_MIN)
+    return _epilogue(_halves_mm(torch.mul(x, QMAX / amax), packed, QMAX), amax / QMAX, bias, x.dtype)

@@ -1,0 +1,75 @@
+"""Tests for dsx.kernels.int8_fbgemm: the fbgemm W8A8 matmul computes the same exact integer product as
+``int8_scaled_mm``'s reference (sub-maximal rows, extreme codes that would overflow int16 pairs, zero rows, bias and
+output dtypes), and the path choice by CPU."""
+
+import pytest
+import torch
+
+from dsx.kernels import int8_fbgemm as fb
+from dsx.kernels.int8_mm import scaled_mm_reference
+from dsx.kernels.quantize_per_token import quantize_per_token
+
+pytestmark = pytest.mark.skipif(not fb.fbgemm_available(), reason="this torch build has no fbgemm")
+
+
+def operands(m: int, n: int, k: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    return a, torch.rand(m, 1, generator=g) / 50 + 1e-3, w, torch.rand(n, generator=g) / 50 + 1e-3
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (3, 17, 64), (33, 64, 200)])
+@pytest.mark.parametrize("bias", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_matches_the_exact_integer_reference(m, n, k, bias, out_dtype):
+    a, a_scale, w, w_scale = operands(m, n, k)
+    b = None if bias is None else torch.randn(n).to(bias)
+    out = fb.int8_scaled_mm_fbgemm(a, a_scale, fb.prepack(w, w_scale), b, out_dtype)
+    ref = scaled_mm_reference(a, a_scale, w.t(), w_scale, b, out_dtype)
+    assert out.shape == (m, n) and out.dtype == out_dtype
+    tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+    assert torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+def test_rows_that_never_reach_127_and_zero_rows_stay_exact():
+    a, a_scale, w, w_scale = operands(4, 24, 48)
+    a = (a // 5).to(torch.int8)  # codes within [-26, 25]: fbgemm's input scale must still be exactly 1
+    a[2] = 0
+    out = fb.int8_scaled_mm_fbgemm(a, a_scale, fb.prepack(w, w_scale))
+    assert torch.allclose(out, scaled_mm_reference(a, a_scale, w.t(), w_scale, None, torch.float32), rtol=1e-5,
+                          atol=1e-6)
+    assert (out[2] == 0).all()
+
+
+def test_extreme_codes_do_not_saturate():
+    k = 256
+    a = torch.full((1, k), 127, dtype=torch.int8)
+    a[0, 0] = -127
+    w = torch.full((8, k), 127, dtype=torch.int8)
+    out = fb.int8_scaled_mm_fbgemm(a, torch.ones(1, 1), fb.prepack(w, torch.ones(8)))
+    assert (out == 127 * 127 * (k - 2)).all()
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dynamic_rows_get_quantize_per_token_codes(rows, dtype):
+    torch.manual_seed(rows)
+    x, wf = (torch.randn(rows, 64) * torch.logspace(-3, 3, rows)[:, None]).to(dtype), torch.randn(32, 64)
+    w_scale = wf.abs().amax(1) / 127
+    w = torch.round(wf / w_scale[:, None]).to(torch.int8)
+    bias = torch.randn(32)
+    xq, xs = quantize_per_token(x)
+    out = fb.int8_dynamic_mm_fbgemm(x, fb.prepack(w, w_scale), bias)
+    ref = scaled_mm_reference(xq, xs, w.t(), w_scale, bias, dtype)
+    assert out.dtype == dtype and torch.allclose(out.float(), ref.float(), rtol=1e-5, atol=1e-5)
+    exact = x.float() @ (w.float() * w_scale[:, None]).t() + bias
+    assert ((out - exact).norm(dim=1) / exact.norm(dim=1)).max() < 0.02  # per-row scales: small rows stay accurate
+
+
+def test_path_choice_follows_the_cpu(monkeypatch):
+    x = torch.randn(2, 8)
+    monkeypatch.setattr(fb, "has_int8_dot", lambda: False)
+    assert fb.use_fbgemm(x, 1) and fb.use_fbgemm(x, 4096)
+    monkeypatch.setattr(fb, "has_int8_dot", lambda: True)
+    assert fb.use_fbgemm(x, fb.MAX_ROWS_WITH_INT8_DOT) and not fb.use_fbgemm(x, fb.MAX_ROWS_WITH_INT8_DOT + 1)
