@@ -22,10 +22,10 @@ from dsx.kernels.quantize_per_token import AMAX_MIN
 MAX_ROWS_WITH_INT8_DOT = 16
 """With AVX512-VNNI, rows up to this many run fbgemm (ahead at decode sizes), more run ``torch._int_mm``."""
 QMAX = 127
-ONE_ROW_LIFT = 2.0**20
-"""A single row is multiplied by this (exactly: a power of two) before fbgemm, whose input scale is at least 6.1e-5:
-rows with ``amax >= 7.3e-9`` then keep their own scale ``amax / 127``; the product is divided back."""
 """fbgemm's activation codes with ``reduce_range`` are 0..127: the halves of int8 values in [-127, 127] fit exactly."""
+LIFT = 2.0**20
+"""Inputs go to fbgemm multiplied by this, its packed weight scales divided by it (exactly: a power of two). fbgemm's
+input scale is at least 6.1e-5; lifted, a single row with ``amax >= 7.3e-9`` keeps its own scale ``amax / 127``."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,27 +43,25 @@ def use_fbgemm(x: torch.Tensor, rows: int) -> bool:
 
 def prepack(w: torch.Tensor, w_scale: torch.Tensor) -> Any:
     """fbgemm's packed form of the symmetric per-channel int8 weight ``w`` [N, K] with fp32 scales ``w_scale`` [N]
-    (an opaque object: kept beside the layer's plain buffers, never saved)."""
+    (held as ``w_scale / LIFT``; an opaque object: kept beside the layer's plain buffers, never saved)."""
     zeros = torch.zeros(w.shape[0], dtype=torch.long)
     with warnings.catch_warnings():  # torch flags quantized tensors as deprecated; this one lives only for the pack
         warnings.simplefilter("ignore")
-        qw = torch._make_per_channel_quantized_tensor(w.cpu(), w_scale.cpu().double(), zeros, 0)
+        qw = torch._make_per_channel_quantized_tensor(w.cpu(), w_scale.cpu().double() / LIFT, zeros, 0)
         return torch.ops.quantized.linear_prepack(qw, None)
 
 
-def _halves_mm(v: torch.Tensor, packed: Any, pin: float | None) -> torch.Tensor:
-    """fbgemm's product of the positive and negative parts of the rows ``v`` [M, K] (and a last row of ``pin``s when
-    given, which sets fbgemm's input range): ``(codes(v+) - codes(v-)) @ W^T * input_scale * w_scale``, fp32 [M, N].
-    fbgemm's codes of a part are ``round(part / input_scale)`` in 0..127, with ``input_scale`` its range / 127."""
+def _pinned_mm(v: torch.Tensor, packed: Any) -> torch.Tensor:
+    """``round(v) @ W^T * w_scale / LIFT`` (fp32 [M, N]) for fp32 rows ``v`` [M, K] that round to codes in
+    [-127, 127]: fbgemm rounds and multiplies their negative and positive parts, pinned to an input scale of exactly
+    1 by a last row of 127s, and the two products are subtracted."""
     m = v.shape[0]
-    parts = (v, v.neg()) if pin is None else (v, v.neg(), v.new_full((1, v.shape[1]), pin))
-    y = torch.ops.quantized.linear_dynamic(torch.cat(parts).relu_(), packed, True)
-    return torch.sub(y[:m], y[m:2 * m])
+    y = torch.ops.quantized.linear_dynamic(torch.cat((v.neg(), v, v.new_full((1, v.shape[1]), QMAX))).relu_(),
+                                           packed, True)
+    return torch.sub(y[m:2 * m], y[:m])
 
 
-def _epilogue(acc: torch.Tensor, a_scale: torch.Tensor, bias: Optional[torch.Tensor],
-              out_dtype: torch.dtype) -> torch.Tensor:
-    out = acc.mul_(a_scale)
+def _finish(out: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     return (out if bias is None else out.add_(bias)).to(out_dtype)
 
 
@@ -81,16 +79,23 @@ def int8_scaled_mm_fbgemm(a: torch.Tensor, a_scale: torch.Tensor, packed: Any, b
     Returns:
         A new [M, N] tensor of ``out_dtype``.
     """
-    return _epilogue(_halves_mm(a.float(), packed, QMAX), a_scale, bias, out_dtype)
+    return _finish(_pinned_mm(a.float(), packed).mul_(a_scale * LIFT), bias, out_dtype)
 
 
 def int8_dynamic_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``quantize_per_token`` then ``int8_scaled_mm_fbgemm`` in fewer operations, fbgemm doing the rounding: the same
     codes (but for the rounding of ``x * 127 / amax`` against ``x / (amax / 127)``) and scales for float rows ``x``
-    [M, K]. One row needs no division by ``amax``: fbgemm's range of its parts is its own (lifted) ``amax``. Returns
-    ``x.dtype`` [M, N]."""
+    [M, K]. A single row (decode) goes in as it is: fbgemm's input range is then the row's own (lifted) ``amax``.
+    Returns ``x.dtype`` [M, N]."""
     if x.shape[0] == 1:
-        out = _halves_mm(x.float() * ONE_ROW_LIFT, packed, None).mul_(1 / ONE_ROW_LIFT)
-        return (out if bias is None else out.add_(bias)).to(x.dtype)
+        halves = torch.mul(torch.cat((x, x)), _signs(x.device)).relu_()
+        return _finish(torch.ops.quantized.linear_dynamic(halves, packed, True).diff(dim=0), bias, x.dtype)
     amax = x.abs().amax(-1, keepdim=True).float().clamp_min_(AMAX_MIN)
-    return _epilogue(_halves_mm(torch.mul(x, QMAX / amax), packed, QMAX), amax / QMAX, bias, x.dtype)
+    out = _pinned_mm(torch.mul(x, QMAX / amax), packed).mul_((amax / QMAX).mul_(LIFT))
+    return _finish(out, bias, x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _signs(device: torch.device) -> torch.Tensor:
+    """``[[-LIFT], [LIFT]]``: the lifted negative and positive parts of a row, in that order."""
+    return torch.tensor([[-LIFT], [LIFT]], device=device)
