@@ -112,13 +112,14 @@ def format_configs(device: torch.device, formats: Sequence[Any] | None, calibrat
 
 def candidates(device: torch.device, *, lossy: bool, formats: Sequence[Any] | None, calibrated: bool,
                compile: bool) -> list[Plan]:
-    """Every plan to try, in order: compiled original, then each format alone and compiled."""
+    """Every plan to try, in order: compiled original, then each format alone and compiled (where the format is fast
+    compiled on ``device``)."""
     plans = [Plan("compile", compile=True)] if compile else []
     if not lossy:
         return plans
     for config in format_configs(device, formats, calibrated):
         plans.append(Plan(plan_name(config), config))
-        if compile:
+        if compile and config.compiles_fast(device):
             plans.append(Plan(plan_name(config) + "+compile", config, compile=True))
     if (formats is None and sparse_fast(device)) or (formats is not None and SPARSE in formats):
         half = resolve_config("bf16" if native_dtype(device, torch.bfloat16) else "fp16")

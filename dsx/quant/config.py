@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from dsx.core.hardware import cpu_flags
+from dsx.core.hardware import cpu_flags, has_int8_dot
 from dsx.kernels.int4_mm import GROUP_SIZES
 from dsx.quant.int4 import ALGORITHMS as INT4_ALGORITHMS
 from dsx.quant.int4 import Int4WeightOnlyLinear
@@ -22,6 +22,12 @@ from dsx.quant.linear import (FP8Linear, FP8WeightOnlyLinear, Int8Linear, Int8St
                               QuantLinear, fp8_supported, linear_weight)
 
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def int8_compiles_fast(device: torch.device) -> bool:
+    """Compiled graphs run ``dsx::int8_scaled_mm`` as ``torch._int_mm`` on the CPU: fast only with int8 dot-product
+    instructions (eager layers run fbgemm without them)."""
+    return device.type != "cpu" or has_int8_dot()
 
 
 def native_dtype(device: torch.device, dtype: torch.dtype) -> bool:
@@ -83,6 +89,10 @@ class QuantConfig:
         dtype = self.compute_dtype
         return dtype is None or native_dtype(device, dtype)
 
+    def compiles_fast(self, device: torch.device) -> bool:
+        """Whether the format is fast under ``torch.compile`` too (``dsx.optimize`` tries the compiled variant)."""
+        return self.fast_on(device)
+
     def rejects(self, module: nn.Module) -> str | None:
         """Why this format leaves the linear ``module`` float; None when it quantizes it."""
         if not linear_weight(module)[0].is_floating_point():
@@ -118,6 +128,9 @@ class Int8Dynamic(QuantConfig):
     format = "int8"
     linear = Int8Linear
     qat = True
+
+    def compiles_fast(self, device: torch.device) -> bool:
+        return int8_compiles_fast(device) and super().compiles_fast(device)
 
 
 @dataclass(frozen=True)
@@ -179,6 +192,9 @@ class Int8Static(QuantConfig):
     observer: str = "minmax"
     percentile: float = 99.99
     smoothquant: float | None = None
+
+    def compiles_fast(self, device: torch.device) -> bool:
+        return int8_compiles_fast(device) and super().compiles_fast(device)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import dsx.quant.config as quant_config
 from dsx.auto.plans import candidates, check_formats, format_configs, plan_name
 from dsx.quant.config import BFloat16, Int8Dynamic, native_dtype
 
@@ -24,8 +25,15 @@ def test_lossy_cpu_candidates_are_the_formats_fast_here():
     assert "int8" in got and "int8_weight_only" in got
     assert not {"fp8", "nf4", "llm_int8", "embedding", "int8_static", "2:4+bf16"} & set(got)
     assert ("bf16" in got and "int8+bf16" in got) == BF16
-    calibrated = names(candidates(CPU, lossy=True, formats=None, calibrated=True, compile=True))
-    assert "int8_static" in calibrated and "int8_static+compile" in calibrated
+    assert "int8_static" in names(candidates(CPU, lossy=True, formats=None, calibrated=True, compile=False))
+
+
+@pytest.mark.parametrize("int8_dot", [True, False])
+def test_int8_is_compiled_only_where_the_cpu_has_int8_dot_products(monkeypatch, int8_dot):
+    monkeypatch.setattr(quant_config, "has_int8_dot", lambda: int8_dot)  # without: torch._int_mm is a scalar loop
+    got = names(candidates(CPU, lossy=True, formats=None, calibrated=True, compile=True))
+    assert {"int8", "int8_static", "int8_weight_only+compile"} <= set(got)
+    assert ("int8+compile" in got) == ("int8_static+compile" in got) == int8_dot
 
 
 def test_given_formats_are_tried_as_given():
