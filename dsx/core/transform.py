@@ -112,6 +112,22 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """CUDA convolutions and matmuls in true fp32 (no TF32) inside, the caller's settings restored after: cuDNN runs
+    fp32 convolutions in TF32 by default, whose ~5e-4 relative error would fail the 1e-4 fp32 tolerance of a
+    verification (a BN-folded conv net is off by that much from its own unfolded self)."""
+    backends = [torch.backends.cuda.matmul, torch.backends.cudnn.conv]
+    before = [b.fp32_precision for b in backends]
+    try:
+        for b in backends:
+            b.fp32_precision = "ieee"
+        yield
+    finally:
+        for b, value in zip(backends, before):
+            b.fp32_precision = value
+
+
 def history(model: nn.Module) -> list[dict[str, Any]]:
     """What dsx transforms were applied to ``model``, oldest first (JSON-able entries)."""
     return list(getattr(model, HISTORY_ATTR, []))
@@ -195,7 +211,8 @@ class Transform(abc.ABC):
             raise ValueError(f"{self.name}: example_inputs are required "
                              "(a Tensor, a tuple of args or a dict of kwargs)")
         self.check_order(model)
-        reference = self.reference(model, inputs) if inputs is not None and self.verify else None
+        with full_fp32():
+            reference = self.reference(model, inputs) if inputs is not None and self.verify else None
         past = history(model)
         origin = getattr(model, ORIGIN_ATTR, f"{type(model).__module__}.{type(model).__qualname__}")
         target = model if self.inplace else copy.deepcopy(model)
@@ -203,7 +220,7 @@ class Transform(abc.ABC):
         entry: dict[str, Any] = {"transform": self.name, "stage": self.stage, "config": self.config(),
                                  "inputs": describe(inputs) if inputs is not None else None, "info": info}
         if inputs is not None and self.verify:
-            with eval_mode(result):
+            with eval_mode(result), full_fp32():
                 out = run_model(result, inputs, name="example_inputs (transformed model)")
             err = compare_outputs(reference, out)
             tol = self.tolerance_for(output_dtype(reference))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 
 
 def interpreting() -> bool:
@@ -18,6 +19,29 @@ def interpreting() -> bool:
 def prune_for_interpreter(configs: list, named_args: dict, **kwargs) -> list:
     """``early_config_prune`` hook: keep only the first config when interpreting."""
     return configs[:1] if interpreting() else configs
+
+
+ROW_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 1, 2, 8, 16)]
+"""Autotune configs of the one-program-per-row kernels (norms, softmax, per-row quantize), keyed by ``BLOCK``."""
+ROW_ELEMENTS_PER_THREAD = (1, 64)
+"""The range of a row's ``BLOCK`` elements per thread a row config may hold: past 64 a config spills registers and
+compiles for minutes (one warp over a 65536-wide block: 70-121 s each), below 1 threads idle."""
+
+
+def prune_row_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """``early_config_prune`` hook of the row kernels: the warp counts whose threads hold
+    ``ROW_ELEMENTS_PER_THREAD`` of the ``BLOCK``-wide row (the config nearest to that range when none does), then
+    ``prune_for_interpreter``."""
+    block = kwargs.get("BLOCK", named_args.get("BLOCK"))
+    if isinstance(block, int):
+        lo, hi = ROW_ELEMENTS_PER_THREAD
+
+        def per_thread(c):
+            return block / (32 * c.num_warps)
+
+        kept = [c for c in configs if lo <= per_thread(c) <= hi]
+        configs = kept or [min(configs, key=lambda c: max(per_thread(c) / hi, lo / per_thread(c)))]
+    return prune_for_interpreter(configs, named_args)
 
 
 def use_triton(x: torch.Tensor) -> bool:

@@ -10,15 +10,15 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsx.kernels._triton import TRITON_DTYPES, next_pow2, prune_for_interpreter, use_triton
+from dsx.kernels._triton import ROW_CONFIGS, TRITON_DTYPES, next_pow2, prune_row_configs, use_triton
 
 MAX_BLOCK = 65536
 
 
 @triton.autotune(
-    configs=[triton.Config({}, num_warps=w) for w in (4, 1, 2, 8, 16)],
+    configs=ROW_CONFIGS,
     key=["BLOCK"],
-    prune_configs_by={"early_config_prune": prune_for_interpreter},
+    prune_configs_by={"early_config_prune": prune_row_configs},
 )
 @triton.jit
 def _add_layer_norm_fwd(

@@ -10,9 +10,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsx.kernels._triton import prune_for_interpreter, use_triton
+from dsx.kernels._triton import ROW_CONFIGS, prune_row_configs, use_triton
 from dsx.kernels.quantize_per_token import (
-    AMAX_MIN, ROW_CONFIGS, check_quantize_input, chunk_rows, launch_rowwise, row_absmax, row_amax, scale_shape,
+    AMAX_MIN, check_quantize_input, chunk_rows, launch_rowwise, row_absmax, row_amax, scale_shape,
 )
 
 FP8_MAX = 448.0
@@ -20,7 +20,7 @@ FP8_MIN_CAPABILITY = (8, 9)
 """CUDA compute capability from which Triton converts to ``tl.float8e4nv`` (Ada, Hopper)."""
 
 
-@triton.autotune(configs=ROW_CONFIGS, key=["BLOCK"], prune_configs_by={"early_config_prune": prune_for_interpreter})
+@triton.autotune(configs=ROW_CONFIGS, key=["BLOCK"], prune_configs_by={"early_config_prune": prune_row_configs})
 @triton.jit
 def _quantize_fp8_rowwise_fwd(X, Q, S, stride_xm, stride_xn, N, amax_min, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)

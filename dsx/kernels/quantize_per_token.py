@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dsx.kernels._triton import TRITON_DTYPES, next_pow2, prune_for_interpreter, use_triton
+from dsx.kernels._triton import ROW_CONFIGS, TRITON_DTYPES, next_pow2, prune_row_configs, use_triton
 
 QMAX = 127
 AMAX_MIN = 1e-12
@@ -31,10 +31,6 @@ def round_half_even(y):
     return (y + 12582912.0) - 12582912.0
 
 
-ROW_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 1, 2, 8, 16)]
-"""Autotune configs of the one-program-per-row quantize kernels (here and in ``quantize_fp8``), keyed by BLOCK."""
-
-
 @triton.jit
 def row_absmax(x_row, stride_xn, N, amax_min, BLOCK: tl.constexpr):
     """``max(max |x_row[:N]|, amax_min)`` in fp32, reading the row in BLOCK-wide steps."""
@@ -46,7 +42,7 @@ def row_absmax(x_row, stride_xn, N, amax_min, BLOCK: tl.constexpr):
     return tl.maximum(tl.max(amax, axis=0), amax_min)
 
 
-@triton.autotune(configs=ROW_CONFIGS, key=["BLOCK"], prune_configs_by={"early_config_prune": prune_for_interpreter})
+@triton.autotune(configs=ROW_CONFIGS, key=["BLOCK"], prune_configs_by={"early_config_prune": prune_row_configs})
 @triton.jit
 def _quantize_per_token_fwd(X, Q, S, stride_xm, stride_xn, N, amax_min, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)

@@ -197,3 +197,26 @@ def test_flags_must_be_booleans_and_a_refusal_leaves_the_model_alone(flag, value
     with pytest.raises(TypeError, match=f"{flag}: expected True or False, got {value!r}"):
         Scale(2.0, **{flag: value})(model, torch.randn(2, 4))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+class RecordsPrecision(nn.Linear):
+    """Records the CUDA fp32 precision settings in force at each forward."""
+
+    seen: list = []
+
+    def forward(self, x):
+        RecordsPrecision.seen.append((torch.backends.cuda.matmul.fp32_precision,
+                                      torch.backends.cudnn.conv.fp32_precision))
+        return super().forward(x)
+
+
+def test_verification_runs_without_tf32_and_restores_the_settings():
+    conv, before = torch.backends.cudnn.conv, torch.backends.cudnn.conv.fp32_precision
+    conv.fp32_precision = "tf32"
+    try:
+        RecordsPrecision.seen = []
+        Scale(1.0)(RecordsPrecision(4, 4), torch.randn(2, 4))
+        assert RecordsPrecision.seen == [("ieee", "ieee")] * 2  # the reference and the result
+        assert conv.fp32_precision == "tf32"
+    finally:
+        conv.fp32_precision = before
