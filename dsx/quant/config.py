@@ -159,8 +159,8 @@ class FP8Dynamic(QuantConfig):
 
     def rejects(self, module: nn.Module) -> str | None:
         w = linear_weight(module)[0]
-        if w.is_cuda and any(d % 16 for d in w.shape):
-            return "fp8 on CUDA needs in and out features divisible by 16"
+        if any(d % 16 for d in w.shape):  # wherever it is quantized: the layer may move to a GPU later
+            return "fp8 needs in and out features divisible by 16 (torch._scaled_mm on CUDA)"
         return super().rejects(module)
 
 

@@ -241,13 +241,22 @@ class FP8Linear(QuantLinear):
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._rows(x)
         xq, xs = quantize_fp8_rowwise(rows)
-        # Row-wise scaled fp8 GEMMs produce bf16 on CUDA; the scales are applied inside the GEMM.
-        out_dtype = torch.bfloat16 if x.is_cuda else torch.float32
         out = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.view(1, -1),
-                               out_dtype=out_dtype)
-        if self.bias is not None:
+                               **scaled_mm_options(x.device, self.bias))
+        if self.bias is not None and not x.is_cuda:
             out = out + self.bias.to(out.dtype)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def scaled_mm_options(device: torch.device, bias: torch.Tensor | None) -> dict[str, Any]:
+    """``torch._scaled_mm``'s keyword arguments for row-wise fp8 on ``device``: on CUDA a bf16 output (what row-wise
+    scaling produces) with the bias added inside the GEMM's epilogue and fast accumulation (cuBLAS's fp8 mode that
+    skips the periodic fp32 promotion, as torchao's inference default); on the CPU an fp32 output, the bias added
+    after."""
+    if device.type != "cuda":
+        return {"out_dtype": torch.float32}
+    return {"out_dtype": torch.bfloat16, "use_fast_accum": True,
+            "bias": None if bias is None else bias.to(torch.bfloat16)}
 
 
 class FP8WeightOnlyLinear(QuantLinear):

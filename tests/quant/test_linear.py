@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 import dsx.quant.linear as quant_linear
 from dsx.kernels.int8_fbgemm import fbgemm_available
 from dsx.quant.linear import (FP8, FP8Linear, FP8WeightOnlyLinear, Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear,
-                              fp8_supported, is_linear, linear_weight, quantize_weight_fp8, quantize_weight_int8)
+                              fp8_supported, is_linear, linear_weight, quantize_weight_fp8, quantize_weight_int8,
+                              scaled_mm_options)
 
 ALL = [Int8Linear, Int8WeightOnlyLinear, FP8Linear, FP8WeightOnlyLinear]
 
@@ -131,3 +132,19 @@ def test_gradients_pass_straight_through_a_frozen_quantized_linear(linear):
     Int8Linear.from_float(linear)(x).sum().backward()
     expected = torch.ones(6, 48) @ linear.weight.detach()
     assert torch.allclose(x.grad, expected, rtol=0.02, atol=0.02)
+
+
+def test_scaled_mm_options_fuse_the_bias_and_use_fast_accumulation_on_cuda():
+    bias = torch.randn(8)
+    assert scaled_mm_options(torch.device("cpu"), bias) == {"out_dtype": torch.float32}
+    cuda = scaled_mm_options(torch.device("cuda"), bias)
+    assert cuda["out_dtype"] == torch.bfloat16 and cuda["use_fast_accum"] is True
+    assert cuda["bias"].dtype == torch.bfloat16 and torch.equal(cuda["bias"], bias.to(torch.bfloat16))
+    assert scaled_mm_options(torch.device("cuda"), None)["bias"] is None
+
+
+def test_fp8_keeps_layers_whose_dims_are_not_multiples_of_16_float_on_any_device():
+    from dsx.quant.config import FP8Dynamic
+
+    assert "divisible by 16" in FP8Dynamic().rejects(nn.Linear(40, 24))
+    assert FP8Dynamic().rejects(nn.Linear(64, 48)) is None
