@@ -72,14 +72,18 @@ def compressed(module: nn.Module) -> torch.Tensor:
 
 
 class SemiSparseLinear(nn.Linear):
-    """``nn.Linear`` whose forward without autograd runs the CUDA 2:4 kernels on a compressed copy of its masked
-    weight (rebuilt when the weight changes); training, the state dict and every read of ``weight`` stay dense."""
+    """``nn.Linear`` whose inference runs the CUDA 2:4 kernels on a compressed copy of its masked weight (rebuilt
+    when the weight changes): in eval mode or without autograd, unless the input needs a gradient. Training (train
+    mode with trainable weights), the state dict and every read of ``weight`` stay dense; inputs and bias of another
+    dtype than the weight's are cast to it and the output back."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        trained = source(self).requires_grad or (self.bias is not None and self.bias.requires_grad)
+        trained = self.training and (source(self).requires_grad or (self.bias is not None and self.bias.requires_grad))
         if torch.is_grad_enabled() and (x.requires_grad or trained):
             return super().forward(x)
-        out = F.linear(x.reshape(-1, x.shape[-1]).contiguous(), compressed(self), self.bias)
+        w = compressed(self)
+        bias = None if self.bias is None else self.bias.to(w.dtype)
+        out = F.linear(x.reshape(-1, x.shape[-1]).to(w.dtype).contiguous(), w, bias).to(x.dtype)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

@@ -163,3 +163,17 @@ def test_accelerated_save_loads_dense_elsewhere(mlp, x, fake_kernels, monkeypatc
     with pytest.warns(UserWarning, match="stays masked dense"):
         back = dsx.load(MLP(), tmp_path)
     assert type_before_parametrizations(back.up) is nn.Linear and state_equal(back, out)
+
+
+def test_accelerated_inference_in_eval_mode_takes_the_sparse_path_with_any_input_dtype(mlp, x, fake_kernels,
+                                                                                       monkeypatch):
+    out = sparsify(mlp, accelerate=True).eval()
+    with torch.no_grad():
+        expected = make_permanent(copy.deepcopy(out)).up(x).double()
+    sparse_calls = []
+    monkeypatch.setattr(sp, "compressed", lambda m, real=sp.compressed: sparse_calls.append(m) or real(m))
+    got = out.up(x.double())  # autograd on, weights trainable: eval mode still runs the compressed weight
+    assert got.dtype == torch.float64 and sparse_calls == [out.up]
+    assert torch.allclose(got, expected, atol=1e-6)
+    out.up(x.requires_grad_()).sum().backward()  # an input gradient needs the dense path
+    assert sparse_calls == [out.up] and x.grad is not None
