@@ -89,14 +89,15 @@ def export_tensorrt(model: nn.Module, example_inputs: Any, path: str | os.PathLi
                     dynamic_shapes: Any = None, verify: bool = True, rtol: float | None = None) -> ExportResult:
     """Compile ``model`` with TensorRT on the example inputs and save it to ``path``.
 
-    ``.engine`` writes the raw serialized engine (the whole graph must convert); ``.ts`` a TorchScript module;
-    any other suffix (e.g. ``.ep``) a ``torch.export`` program; both of the latter load with ``torch_tensorrt``
-    imported. ``precision`` ``"fp16"`` casts the model's floating weights and inputs to float16 (TensorRT's
-    strongly typed mode follows the model's dtypes), so the engine takes float16 inputs. ``dynamic_shapes`` is a
-    torch.export spec or ``"batch"``; TensorRT builds for each dynamic dim's range (an unbounded one gets
-    torch_tensorrt's default maximum: bound it with ``torch.export.Dim(..., max=N)``). ``verify=True`` reloads
-    the file and compares it on the GPU with the float32 model; the max relative error must stay under ``rtol``
-    (default 1e-3 fp32, 1e-2 fp16).
+    ``.engine`` writes the raw serialized engine (the whole graph must convert); ``.ts`` a TorchScript module; any
+    other suffix (e.g. ``.ep``) a ``torch.export`` program; both of the latter load with ``torch_tensorrt``
+    imported. ``precision`` ``"fp16"`` casts the model's floating weights and inputs to float16, and the engine is
+    built strongly typed (``use_explicit_typing=True``: layers keep the model's dtypes; older torch_tensorrt
+    releases default to weak typing, free to run layers in other precisions), so it takes float16 inputs.
+    ``dynamic_shapes`` is a torch.export spec or ``"batch"``; TensorRT builds for each dynamic dim's range (an
+    unbounded one gets torch_tensorrt's default maximum: bound it with ``torch.export.Dim(..., max=N)``).
+    ``verify=True`` reloads the file and compares it on the GPU with the float32 model; the max relative error must
+    stay under ``rtol`` (default 1e-3 fp32, 1e-2 fp16).
     """
     precision = check_precision(precision)
     check_module(model)
@@ -117,10 +118,11 @@ def export_tensorrt(model: nn.Module, example_inputs: Any, path: str | os.PathLi
         notes.append("weights cast to float16: feed float16 inputs")
     if path.suffix == ".engine":
         data = torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine(
-            program, arg_inputs=list(args), kwarg_inputs=kwargs)
+            program, arg_inputs=list(args), kwarg_inputs=kwargs, use_explicit_typing=True)
         path.write_bytes(data)
     else:
-        trt_module = torch_tensorrt.compile(program, ir="dynamo", arg_inputs=list(args), kwarg_inputs=kwargs)
+        trt_module = torch_tensorrt.compile(program, ir="dynamo", arg_inputs=list(args), kwarg_inputs=kwargs,
+                                            use_explicit_typing=True)
         output_format = "torchscript" if path.suffix == ".ts" else "exported_program"
         torch_tensorrt.save(trt_module, str(path), output_format=output_format, arg_inputs=list(args),
                             kwarg_inputs=kwargs)

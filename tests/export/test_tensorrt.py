@@ -97,7 +97,8 @@ def test_compile_and_save_calls(tmp_path, fake_trt, suffix, output_format):
     result = export_tensorrt(model, x, path)
     (_, program, compile_kwargs), (_, save_path, save_kwargs) = fake_trt.calls
     assert isinstance(program, torch.export.ExportedProgram)
-    assert compile_kwargs.keys() == {"ir", "arg_inputs", "kwarg_inputs"} and compile_kwargs["ir"] == "dynamo"
+    assert compile_kwargs.keys() == {"ir", "arg_inputs", "kwarg_inputs", "use_explicit_typing"}
+    assert compile_kwargs["ir"] == "dynamo" and compile_kwargs["use_explicit_typing"] is True
     torch.testing.assert_close(compile_kwargs["arg_inputs"], [x])
     assert compile_kwargs["kwarg_inputs"] == {}
     assert save_path == str(path) and save_kwargs["output_format"] == output_format
@@ -128,7 +129,7 @@ def test_engine_is_serialized_from_the_program(tmp_path, fake_trt):
     result = export_tensorrt(mlp(), {"input": torch.randn(2, 8)}, path, verify=False)
     [(name, program, kwargs)] = fake_trt.calls
     assert name == "convert" and isinstance(program, torch.export.ExportedProgram)
-    assert kwargs["arg_inputs"] == [] and set(kwargs["kwarg_inputs"]) == {"input"}
+    assert kwargs["arg_inputs"] == [] and set(kwargs["kwarg_inputs"]) == {"input"} and kwargs["use_explicit_typing"]
     assert path.read_bytes() == b"serialized engine" and result.max_rel is None
 
 
