@@ -114,18 +114,20 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def full_fp32() -> Iterator[None]:
-    """CUDA convolutions and matmuls in true fp32 (no TF32) inside, the caller's settings restored after: cuDNN runs
-    fp32 convolutions in TF32 by default, whose ~5e-4 relative error would fail the 1e-4 fp32 tolerance of a
-    verification (a BN-folded conv net is off by that much from its own unfolded self)."""
-    backends = [torch.backends.cuda.matmul, torch.backends.cudnn.conv]
-    before = [b.fp32_precision for b in backends]
+    """On a machine with CUDA, convolutions and matmuls in true fp32 (no TF32) inside, the caller's settings restored
+    after: cuDNN runs fp32 convolutions in TF32 by default, whose ~5e-4 relative error would fail the 1e-4 fp32
+    tolerance of a verification (a BN-folded conv net is off by that much from its own unfolded self). The flags
+    are torch's ``allow_tf32`` ones, whose getters the exporters read."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
     try:
-        for b in backends:
-            b.fp32_precision = "ieee"
+        cudnn.allow_tf32 = matmul.allow_tf32 = False
         yield
     finally:
-        for b, value in zip(backends, before):
-            b.fp32_precision = value
+        cudnn.allow_tf32, matmul.allow_tf32 = before
 
 
 def history(model: nn.Module) -> list[dict[str, Any]]:

@@ -200,23 +200,23 @@ def test_flags_must_be_booleans_and_a_refusal_leaves_the_model_alone(flag, value
 
 
 class RecordsPrecision(nn.Linear):
-    """Records the CUDA fp32 precision settings in force at each forward."""
+    """Records the TF32 flags in force at each forward."""
 
     seen: list = []
 
     def forward(self, x):
-        RecordsPrecision.seen.append((torch.backends.cuda.matmul.fp32_precision,
-                                      torch.backends.cudnn.conv.fp32_precision))
+        RecordsPrecision.seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
         return super().forward(x)
 
 
-def test_verification_runs_without_tf32_and_restores_the_settings():
-    conv, before = torch.backends.cudnn.conv, torch.backends.cudnn.conv.fp32_precision
-    conv.fp32_precision = "tf32"
+def test_verification_runs_without_tf32_and_restores_the_settings(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     try:
         RecordsPrecision.seen = []
         Scale(1.0)(RecordsPrecision(4, 4), torch.randn(2, 4))
-        assert RecordsPrecision.seen == [("ieee", "ieee")] * 2  # the reference and the result
-        assert conv.fp32_precision == "tf32"
+        assert RecordsPrecision.seen == [(False, False)] * 2  # the reference and the result
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
-        conv.fp32_precision = before
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
