@@ -1,10 +1,13 @@
 """Smoke runs of the benchmark scripts on tiny settings: they must run and print their table (no timing asserted)."""
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).parent.parent / "benchmarks"
 
@@ -36,3 +39,12 @@ def test_bench_quant_times_every_installed_row():
     assert "device:" in res.stdout and 'dsx int8 + torch.compile(backend="dsx")' in res.stdout
     failed = [line for line in res.stdout.splitlines() if "  -  " in line and "not installed" not in line]
     assert not failed, "\n".join(failed)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script runs for minutes")
+def test_gpu_check_says_there_is_no_cuda_device_and_exits_0():
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    start = time.monotonic()
+    res = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 0 and "no CUDA device" in res.stdout, res.stdout + res.stderr
+    assert time.monotonic() - start < 10
