@@ -88,7 +88,7 @@ def int8_dynamic_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Te
     [M, K]. A single row (decode) goes in as it is: fbgemm's input range is then the row's own (lifted) ``amax``.
     Returns ``x.dtype`` [M, N]."""
     if x.shape[0] == 1:
-        halves = torch.mul(torch.cat((x, x)), _signs(x.device)).relu_()
+        halves = torch.mul(x, _signs(x.device)).relu_()  # [2, K] by broadcasting
         return _finish(torch.ops.quantized.linear_dynamic(halves, packed, True).diff(dim=0), bias, x.dtype)
     amax = x.abs().amax(-1, keepdim=True).float().clamp_min_(AMAX_MIN)
     out = _pinned_mm(torch.mul(x, QMAX / amax), packed).mul_((amax / QMAX).mul_(LIFT))
