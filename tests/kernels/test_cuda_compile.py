@@ -1,0 +1,49 @@
+"""Every dsx Triton kernel compiles to PTX and cubin for CUDA targets on this CPU machine (Triton's own ptxas, no GPU):
+every autotune config for sm90 (H100 / H200), the first config of each for sm80, none slower than 20 s to compile.
+
+Compiling runs in a subprocess without ``TRITON_INTERPRET`` (under the interpreter there is nothing to compile).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+SCRIPT = Path(__file__).with_name("cuda_compile.py")
+MAX_SECONDS = 20.0
+
+pytestmark = pytest.mark.skipif("nvidia" not in triton.backends.backends,
+                                reason="this Triton build has no NVIDIA backend")
+
+
+def compile_all(arch: int, tmp_path: Path, *flags: str) -> list[dict]:
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, str(SCRIPT), str(arch), *flags], capture_output=True, text=True,
+                         timeout=900, env=env, cwd=SCRIPT.parents[2])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+def check(rows: list[dict]) -> None:
+    assert rows
+    failed = [f"{r['kernel']} [{r['config']}]: {r['error']}" for r in rows if "error" in r]
+    assert not failed, "\n".join(failed)
+    slow = [f"{r['kernel']} [{r['config']}]: {r['seconds']} s" for r in rows if r["seconds"] > MAX_SECONDS]
+    assert not slow, "\n".join(slow)
+
+
+def test_every_config_compiles_for_sm90(tmp_path):
+    rows = compile_all(90, tmp_path, "--all-configs")
+    check(rows)
+    kernels = {r["kernel"] for r in rows}
+    assert {"_int8_scaled_mm_fwd", "_int4_weight_only_mm_fwd", "_softmax_fwd"} <= kernels
+    # the int8 GEMM's tiles of 64+ rows run Hopper's warp-group MMA
+    assert any(r["wgmma"] for r in rows if r["kernel"] == "_int8_scaled_mm_fwd")
+
+
+def test_first_configs_compile_for_sm80(tmp_path):
+    check(compile_all(80, tmp_path))
