@@ -35,12 +35,19 @@ def m_bucket(m: Any) -> Any:
     return next_pow2(m) if isinstance(m, int) else m
 
 
+IEEE_MAX_TILE = 128 * 128
+"""Largest output tile of the fp32 (IEEE, no tensor core) GEMMs: a 256 x 128 fp32 tile spills registers and takes
+15-26 s to compile for sm90."""
+
+
 def prune_gemm_configs(configs: list, named_args: dict, **kwargs) -> list:
     """``early_config_prune`` hook: keep tiles with ``BLOCK_M <= max(16, next_pow2(M))`` (all of them for a symbolic
-    M), then prune for the interpreter."""
+    M) and, for fp32 (``IEEE``) GEMMs, tiles of at most ``IEEE_MAX_TILE`` outputs; then prune for the interpreter."""
     m = named_args["M"]
     if isinstance(m, int):
         configs = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, next_pow2(m))]
+    if kwargs.get("IEEE", named_args.get("IEEE")):
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= IEEE_MAX_TILE]
     return prune_for_interpreter(configs, named_args)
 
 

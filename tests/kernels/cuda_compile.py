@@ -48,16 +48,18 @@ CASES: list[tuple[Any, dict[str, str], dict[str, Any], bool]] = [
 ]
 
 
-def configs(kernel: Any, row: bool, all_configs: bool) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """``(config, extra constexprs)`` pairs to compile: every config (row kernels: those kept per block width), or
-    the first one."""
+def configs(kernel: Any, constexprs: dict[str, Any], row: bool,
+            all_configs: bool) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """``(config, extra constexprs)`` pairs to compile: every config the kernel's pruning keeps (row kernels: per
+    block width), or the first one."""
     if row:
         for block in ROW_BLOCKS:
             kept = prune_row_configs(kernel.configs, {}, BLOCK=block)
             for config in kept if all_configs else kept[:1]:
                 yield config, {"BLOCK": block}
-    else:
-        for config in kernel.configs if all_configs else kernel.configs[:1]:
+    else:  # the GEMMs' own pruning, at a size that keeps every tile height
+        kept = kernel.early_config_prune(kernel.configs, {"M": 4096}, **constexprs)
+        for config in kept if all_configs else kept[:1]:
             yield config, {}
 
 
@@ -79,7 +81,7 @@ def main() -> None:
     for kernel, pointers, constexprs, row in CASES:
         if arch < FP8_ARCH and any("fp8" in t for t in pointers.values()):
             continue  # e4m3 needs sm89+ (dsx's fp8 format refuses older GPUs)
-        for config, extra in configs(kernel, row, all_configs):
+        for config, extra in configs(kernel, constexprs, row, all_configs):
             values = {**constexprs, **config.kwargs, **extra, "num_warps": config.num_warps,
                       "num_stages": config.num_stages}
             line: dict[str, Any] = {"kernel": kernel.fn.__name__, "config": str(config), "arch": arch,

@@ -237,3 +237,12 @@ def test_export_keeps_ops():
     targets = {n.target for n in ep.graph.nodes}
     assert {torch.ops.dsx.int8_scaled_mm.default, torch.ops.dsx.int8_weight_only_mm.default} <= targets
     torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
+
+
+def test_fp32_gemms_drop_the_tiles_that_spill_registers(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tiles = lambda cs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in cs}  # noqa: E731
+    every = k.prune_gemm_configs(k.GEMM_CONFIGS, {"M": 4096}, IEEE=False)
+    fp32 = k.prune_gemm_configs(k.GEMM_CONFIGS, {"M": 4096}, IEEE=True)
+    assert (256, 128) in tiles(every) and max(m * n for m, n in tiles(fp32)) <= k.IEEE_MAX_TILE
+    assert tiles(k.prune_gemm_configs(k.GEMM_CONFIGS, {"M": 1})) == {(16, 32), (16, 64), (16, 128)}
