@@ -88,14 +88,16 @@ def int8_dynamic_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Te
     [M, K]. A single row (decode) goes in as it is: fbgemm's input range is then the row's own (lifted) ``amax``.
     Returns ``x.dtype`` [M, N]."""
     if x.shape[0] == 1:
-        halves = torch.mul(x, _signs(x.device)).relu_()  # [2, K] by broadcasting
-        return _finish(torch.ops.quantized.linear_dynamic(halves, packed, True).diff(dim=0), bias, x.dtype)
+        signs, difference = _one_row_constants(x.device)
+        halves = torch.mul(x, signs).relu_()  # [2, K] by broadcasting
+        return _finish(torch.mm(difference, torch.ops.quantized.linear_dynamic(halves, packed, True)), bias, x.dtype)
     amax = x.abs().amax(-1, keepdim=True).float().clamp_min_(AMAX_MIN)
     out = _pinned_mm(torch.mul(x, QMAX / amax), packed).mul_((amax / QMAX).mul_(LIFT))
     return _finish(out, bias, x.dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _signs(device: torch.device) -> torch.Tensor:
-    """``[[-LIFT], [LIFT]]``: the lifted negative and positive parts of a row, in that order."""
-    return torch.tensor([[-LIFT], [LIFT]], device=device)
+def _one_row_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[[-LIFT], [LIFT]]``, the lifted negative and positive parts of a row in that order, and ``[[-1, 1]]``, whose
+    product with fbgemm's two output rows is their difference (one exact rounding, as a subtraction)."""
+    return torch.tensor([[-LIFT], [LIFT]], device=device), torch.tensor([[-1.0, 1.0]], device=device)
