@@ -3,9 +3,9 @@ AVX2, where ``torch._int_mm`` has a fast kernel only with AVX512-VNNI, and the f
 
 It computes exactly what ``int8_scaled_mm`` does. fbgemm quantizes a float input itself (7-bit codes, so that pairs of
 u8 x s8 products cannot overflow int16 without VNNI); the int8 activations are therefore fed as their positive and
-negative parts (integers 0..127) with a row of 127s that pins fbgemm's input scale to exactly 1, and the int32
-products of the two halves are subtracted: the same exact integer product, at the cost of twice the rows (free at
-decode sizes, where the weight's bytes set the time).
+negative parts (integers 0..127, fbgemm's codes with ``reduce_range``) with a row of 127s that pins fbgemm's input scale
+to exactly 1, and the int32 products of the two halves are subtracted: the same exact integer product, at the cost of
+twice the rows (free at decode sizes, where the weight's bytes set the time).
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ from typing import Any, Optional
 import torch
 
 from dsx.core.hardware import has_int8_dot
-from dsx.kernels.quantize_per_token import AMAX_MIN
+from dsx.kernels.quantize_per_token import AMAX_MIN, QMAX
 
 MAX_ROWS_WITH_INT8_DOT = 16
 """With AVX512-VNNI, rows up to this many run fbgemm (ahead at decode sizes), more run ``torch._int_mm``."""
-QMAX = 127
-"""fbgemm's activation codes with ``reduce_range`` are 0..127: the halves of int8 values in [-127, 127] fit exactly."""
 LIFT = 2.0**20
 """Inputs go to fbgemm multiplied by this, its packed weight scales divided by it (exactly: a power of two). fbgemm's
 input scale is at least 6.1e-5; lifted, a single row with ``amax >= 7.3e-9`` keeps its own scale ``amax / 127``."""
@@ -88,7 +86,7 @@ def int8_dynamic_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Te
     [M, K]. A single row (decode) goes in as it is: fbgemm's input range is then the row's own (lifted) ``amax``.
     Returns ``x.dtype`` [M, N]."""
     if x.shape[0] == 1:
-        signs, difference = _one_row_constants(x.device)
+        signs, difference = _one_row_constants()
         halves = torch.mul(x, signs).relu_()  # [2, K] by broadcasting
         return _finish(torch.mm(difference, torch.ops.quantized.linear_dynamic(halves, packed, True)), bias, x.dtype)
     amax = x.abs().amax(-1, keepdim=True).float().clamp_min_(AMAX_MIN)
@@ -97,7 +95,7 @@ def int8_dynamic_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Te
 
 
 @functools.lru_cache(maxsize=None)
-def _one_row_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _one_row_constants() -> tuple[torch.Tensor, torch.Tensor]:
     """``[[-LIFT], [LIFT]]``, the lifted negative and positive parts of a row in that order, and ``[[-1, 1]]``, whose
     product with fbgemm's two output rows is their difference (one exact rounding, as a subtraction)."""
-    return torch.tensor([[-LIFT], [LIFT]], device=device), torch.tensor([[-1.0, 1.0]], device=device)
+    return torch.tensor([[-LIFT], [LIFT]]), torch.tensor([[-1.0, 1.0]])

@@ -48,7 +48,8 @@ class QuantConfig:
 
     Class attributes are the registration: ``format`` (the string name), ``tolerance`` (the max relative output
     error the format may add by default), ``linear`` (the quantized module class), ``qat`` / ``calibrated`` /
-    ``quantizes_linears``; ``unsupported`` says where it cannot run, ``fast_on`` where ``dsx.optimize`` tries it.
+    ``quantizes_linears``, ``compiled_int8_mm`` (compiled layers run ``torch._int_mm`` on the CPU); ``unsupported``
+    says where it cannot run, ``fast_on`` where ``dsx.optimize`` tries it.
     """
 
     format: ClassVar[str] = ""
@@ -57,6 +58,7 @@ class QuantConfig:
     qat: ClassVar[bool] = False
     calibrated: ClassVar[bool] = False
     quantizes_linears: ClassVar[bool] = True
+    compiled_int8_mm: ClassVar[bool] = False
     registry: ClassVar[dict[str, type[QuantConfig]]] = {}
 
     embeddings: int | None = None
@@ -91,7 +93,7 @@ class QuantConfig:
 
     def compiles_fast(self, device: torch.device) -> bool:
         """Whether the format is fast under ``torch.compile`` too (``dsx.optimize`` tries the compiled variant)."""
-        return self.fast_on(device)
+        return self.fast_on(device) and (not self.compiled_int8_mm or int8_compiles_fast(device))
 
     def rejects(self, module: nn.Module) -> str | None:
         """Why this format leaves the linear ``module`` float; None when it quantizes it."""
@@ -128,9 +130,7 @@ class Int8Dynamic(QuantConfig):
     format = "int8"
     linear = Int8Linear
     qat = True
-
-    def compiles_fast(self, device: torch.device) -> bool:
-        return int8_compiles_fast(device) and super().compiles_fast(device)
+    compiled_int8_mm = True
 
 
 @dataclass(frozen=True)
@@ -188,13 +188,11 @@ class Int8Static(QuantConfig):
     linear = Int8StaticLinear
     qat = True
     calibrated = True
+    compiled_int8_mm = True
 
     observer: str = "minmax"
     percentile: float = 99.99
     smoothquant: float | None = None
-
-    def compiles_fast(self, device: torch.device) -> bool:
-        return int8_compiles_fast(device) and super().compiles_fast(device)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -2,7 +2,7 @@
 compile: ``{"kernel", "config", "arch", "seconds", "wgmma"}`` or ``{"kernel", "config", "arch", "error"}``.
 
 Run as a script with ``TRITON_INTERPRET=0`` (under the interpreter ``@triton.jit`` yields no compilable function):
-``python tests/kernels/cuda_compile.py 90 [--all-configs]``. Row kernels compile at the configs
+``python tests/kernels/cuda_compile.py 90 [--all-configs]``. Row kernels compile at the configs their
 ``prune_row_configs`` keeps for a 1024- and a 65536-wide block, the configs a GPU run would compile.
 """
 
@@ -19,7 +19,6 @@ from triton.compiler import ASTSource
 
 from dsx.kernels import (add_layer_norm, add_rms_norm, bias_act, gated_act, int4_mm, int8_mm, quantize_fp8,
                          quantize_per_token, softmax)
-from dsx.kernels._triton import prune_row_configs
 
 FLOATS = {"eps", "amax_min", "scale"}
 ROW_BLOCKS = (1024, 65536)
@@ -50,17 +49,12 @@ CASES: list[tuple[Any, dict[str, str], dict[str, Any], bool]] = [
 
 def configs(kernel: Any, constexprs: dict[str, Any], row: bool,
             all_configs: bool) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """``(config, extra constexprs)`` pairs to compile: every config the kernel's pruning keeps (row kernels: per
-    block width), or the first one."""
-    if row:
-        for block in ROW_BLOCKS:
-            kept = prune_row_configs(kernel.configs, {}, BLOCK=block)
-            for config in kept if all_configs else kept[:1]:
-                yield config, {"BLOCK": block}
-    else:  # the GEMMs' own pruning, at a size that keeps every tile height
-        kept = kernel.early_config_prune(kernel.configs, {"M": 4096}, **constexprs)
+    """``(config, extra constexprs)`` pairs to compile: every config the kernel's own pruning keeps (row kernels: per
+    block width; GEMMs: at an M that keeps every tile height), or the first one."""
+    for extra in ({"BLOCK": block} for block in ROW_BLOCKS) if row else [{}]:
+        kept = kernel.early_config_prune(kernel.configs, {"M": 4096}, **constexprs, **extra)
         for config in kept if all_configs else kept[:1]:
-            yield config, {}
+            yield config, extra
 
 
 def compile_one(kernel: Any, pointers: dict[str, str], constexprs: dict[str, Any], arch: int) -> dict[str, Any]:
