@@ -21,7 +21,8 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
-from dsx.compress.hf import HeadLayout, head_layout, is_conv1d
+from dsx.compress.hf import HeadLayout, is_conv1d, unit_input
+from dsx.compress.hf_layouts import unit_layout
 from dsx.core.inputs import Inputs, run_model
 from dsx.core.transform import eval_mode
 
@@ -79,13 +80,13 @@ class Group:
 
 @dataclass
 class DepGraph:
-    """The result of ``build_depgraph``: claims (ids mapped to classes), the groups, the attention modules to patch
-    after shrinking and the model's output shapes on the traced inputs."""
+    """The result of ``build_depgraph``: claims (ids mapped to classes), the groups, the modules traced as units
+    (attention, fused MLPs, MoE experts: patched after shrinking) with their layouts and the model's output shapes."""
 
     claims: list[Claim]
     groups: list[Group]
     num_classes: int
-    attention: list[str] = field(default_factory=list)
+    attention: dict[str, HeadLayout] = field(default_factory=dict)
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
 
@@ -334,8 +335,7 @@ class _Tracer(TorchFunctionMode):
     # claims ---------------------------------------------------------------------------------------------------
     def claim(self, module: nn.Module, tensor: str, dim: int | None, ids: np.ndarray, owner: str, *,
               role: str | None = None, source: bool = False, blocks: int = 1, grouped: int = 1) -> None:
-        t = getattr(module, tensor, None)
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t := getattr(module, tensor, None), torch.Tensor):
             return
         if id(t) not in self.names:
             self.pin(ids, f"{self.module_names[id(module)]}.{tensor} is not a plain parameter (parametrized?)")
@@ -366,7 +366,7 @@ class _Tracer(TorchFunctionMode):
 
     # layers ---------------------------------------------------------------------------------------------------
     def is_unit(self, module: nn.Module) -> bool:
-        if head_layout(module) is not None:
+        if unit_layout(module) is not None:
             return True
         if isinstance(module, nn.modules.conv._ConvNd):
             return not module.transposed
@@ -379,9 +379,8 @@ class _Tracer(TorchFunctionMode):
         outs = tensor_leaves(out)
         if not isinstance(x, torch.Tensor):  # its weights stay unclaimed, its outputs fixed
             return self.label_outputs(outs, np.zeros(0, dtype=np.int64), 0)
-        layout = head_layout(module)
-        if layout is not None:
-            return self.attention_unit(module, name, layout, x, kwargs, outs)
+        if (layout := unit_layout(module)) is not None:
+            return self.attention_unit(module, name, layout, (x, *args[1:]), kwargs, outs)
         if isinstance(module, nn.Linear) or is_conv1d(module):
             linear = isinstance(module, nn.Linear)
             self.claim(module, "weight", 1 if linear else 0, self.channel_ids(x, -1, name), name)
@@ -450,30 +449,31 @@ class _Tracer(TorchFunctionMode):
         for o in outs[:1]:
             self.set(o, label if label is not None and o.shape == x.shape else None)
 
-    def attention_unit(self, module: nn.Module, name: str, layout: HeadLayout, x: torch.Tensor, kwargs: dict,
+    def attention_unit(self, module: nn.Module, name: str, layout: HeadLayout, args: tuple, kwargs: dict,
                        outs: list[torch.Tensor]) -> None:
-        kv = kwargs.get("encoder_hidden_states")
-        kv = kv if isinstance(kv, torch.Tensor) else x
         self.layouts[name] = layout
-        for sub, tensor, dim, which in layout.inputs:
-            hidden = self.channel_ids(kv if which == "kv" else x, -1, name)
-            self.pin(hidden, "it is a transformer's hidden size (the residual stream), which stays")
-            self.claim(getattr(module, sub), tensor, dim, hidden, name)
+        for sub, tensor, dim, source in layout.inputs:
+            if isinstance(src := unit_input(source, args, kwargs), torch.Tensor):
+                hidden = self.channel_ids(src, -1, name)
+                self.pin(hidden, "it is a transformer's hidden size (the residual stream), which stays")
+                self.claim(module.get_submodule(sub), tensor, dim, hidden, name)
         units = self.source(name, layout.units)
+        per_head = np.repeat(units, layout.heads_per_unit)
+        if layout.reason:
+            self.pin(units, layout.reason)
         for i, s in enumerate(layout.heads):
-            self.claim(getattr(module, s.module), s.tensor, s.dim, np.tile(np.repeat(units, s.repeat), s.tiles), name,
-                       source=i == 0)
-        if layout.output is None:
-            out_ids = np.repeat(units, layout.heads_per_unit * layout.head_dim)
-        else:
-            proj = getattr(module, layout.output[0])
-            oname = f"{name}.{layout.output[0]}"
-            out_ids = self.source(oname, proj.weight.shape[layout.output[1]])
-            self.claim(proj, "weight", layout.output[1], out_ids, oname, source=True)
-            self.claim(proj, "bias", 0, out_ids, oname)
+            self.claim(module.get_submodule(s.module), s.tensor, s.dim, s.positions(units), name, source=i == 0)
+        for key, t in ((k, kwargs.get(k)) for k in layout.head_inputs if isinstance(kwargs.get(k), torch.Tensor)):
+            ids = self.channel_ids(t, 1, name) if t.dim() > 1 and t.shape[1] == len(per_head) else -1
+            self.union(ids, per_head)
+            self.pin(np.where(np.asarray(ids) < 0, per_head, -1), f"{name}: its heads meet a fixed-size {key}")
+        out_ids = np.repeat(units, layout.heads_per_unit * layout.head_dim)
+        for i, (sub, tensor, dim) in enumerate(layout.outputs):
+            proj, oname = module.get_submodule(sub), f"{name}.{layout.outputs[0][0] or layout.outputs[0][1]}"
+            out_ids = out_ids if i else self.source(oname, getattr(proj, tensor).shape[dim])
+            self.claim(proj, tensor, dim, out_ids, oname, source=i == 0)
         self.label_outputs(outs[:1], out_ids, -1)
         for o in outs[1:]:
-            per_head = np.repeat(units, layout.heads_per_unit)
             self.set(o, _along(per_head, o.dim(), 1) if o.dim() == 4 and o.shape[1] == len(per_head) else None)
 
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -711,7 +711,7 @@ class _Tracer(TorchFunctionMode):
             for k in np.unique(cls[ids]).tolist():
                 pinned.setdefault(k, reason)
         groups = _groups(claims, pinned)
-        return DepGraph(claims, groups, int(cls.max()) + 1 if len(cls) else 0, list(self.layouts),
+        return DepGraph(claims, groups, int(cls.max()) + 1 if len(cls) else 0, self.layouts,
                         [tuple(t.shape) for t in leaves])
 
 

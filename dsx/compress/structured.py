@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from dsx.compress.depgraph import DepGraph, Group, build_depgraph, tensor_leaves
-from dsx.compress.hf import is_conv1d, patch_heads, sync_config
+from dsx.compress.hf import is_conv1d, sync_config
+from dsx.compress.hf_layouts import patch_unit
 from dsx.compress.importance import check_importance, group_scores
 from dsx.core.inputs import Inputs, run_model
 from dsx.core.transform import eval_mode
@@ -71,10 +72,11 @@ class _Sizes:
                                     for rest, rows in self.items))
 
 
-def _allowed(g: Group, round_to: int | None) -> np.ndarray:
-    """The unit counts ``g`` may keep: multiples of the step (round_to channels, equal blocks), or all of them."""
+def _allowed(g: Group, round_to: int | None, multiple: int) -> np.ndarray:
+    """The unit counts ``g`` may keep: multiples of the step (round_to channels, equal blocks, the ``multiple`` its
+    layout asks), or all of them."""
     step = round_to // math.gcd(round_to, g.width) if round_to else 1
-    step = math.lcm(step, g.nblocks)
+    step = math.lcm(step, g.nblocks, multiple)
     return np.append(np.arange(step, g.size, step), g.size)
 
 
@@ -267,7 +269,8 @@ def prune_structured(model: nn.Module, amount: float, inputs: Inputs, *, importa
     groups, allowed = [], []
     for g in graph.groups:
         if g.reason is None:
-            values = _allowed(g, round_to if plan is None else None)
+            layout = graph.attention.get(g.key)
+            values = _allowed(g, round_to if plan is None else None, layout.multiple if layout else 1)
             if len(values) > 1:
                 groups.append(g)
                 allowed.append(values)
@@ -297,7 +300,7 @@ def prune_structured(model: nn.Module, amount: float, inputs: Inputs, *, importa
         keep_class[members] = True
     before = sum(p.numel() for p in params.values())
     _shrink(model, graph, keep_class)
-    attention = {name: patch_heads(model.get_submodule(name)) for name in graph.attention}
+    attention = {name: heads for name in graph.attention if (heads := patch_unit(model.get_submodule(name)))}
     config = sync_config(model, attention)
     _check_runs(model, inputs, graph.output_shapes)
     after = sum(p.numel() for p in model.parameters())

@@ -4,10 +4,13 @@ neurons go, the hidden size stays, the attributes forward reads follow, and a pl
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from dsx.compress.depgraph import build_depgraph, tensor_leaves
+from dsx.compress.hf import HeadSlice, head_layout, unit_input
+from dsx.compress.hf_layouts import unit_layout
 from dsx.compress.structured import prune_structured
 from dsx.core.inputs import normalize_inputs
 from tests.hf_models import tiny_hf
@@ -116,3 +119,34 @@ def test_hidden_size_stays_when_the_output_does_not_show_it():
     assert "hidden size" in info["skipped"]["model.embed_tokens"] and abs(info["ratio"] - 0.5) <= 0.05
     assert pruned.lm_head.weight is pruned.model.embed_tokens.weight and pruned.lm_head.weight.shape == (100, 64)
     assert run(pruned, {"input_ids": ids})[0].shape == (2, 8, 100)
+
+
+def test_head_slices_lay_out_sections_then_fixed_positions():
+    units = np.array([7, 9])
+    falcon_multi_query = HeadSlice("query_key_value", "weight", 0, (2,), fixed=3)  # q heads, then the one k and v
+    assert falcon_multi_query.positions(units).tolist() == [7, 7, 9, 9, -1, -1, -1] and falcon_multi_query.size(2) == 7
+    phi3 = HeadSlice("qkv_proj", "weight", 0, (2, 1, 1))  # [q | k | v], two query heads per KV head
+    assert phi3.positions(units).tolist() == [7, 7, 9, 9, 7, 9, 7, 9]
+
+
+class SinkAttention(torch.nn.Module):
+    """Llama-like attention with a per-head parameter of its own that no layout names."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (torch.nn.Linear(8, 8) for _ in range(4))
+        self.head_dim, self.scale = 4, torch.nn.Parameter(torch.ones(2))
+
+
+def test_a_module_with_parameters_its_layout_does_not_name_is_not_a_unit():
+    module = SinkAttention()
+    assert head_layout(module).fits(module) is False and unit_layout(module) is None
+    del module.scale
+    assert unit_layout(module).units == 2
+
+
+def test_unit_inputs_read_the_input_the_kv_states_keywords_or_positions():
+    x, enc, res = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
+    assert unit_input("q", (x, res), {}) is x and unit_input("kv", (x,), {}) is x
+    assert unit_input("kv", (x,), {"key_value_states": enc}) is enc and unit_input(1, (x, res), {}) is res
+    assert unit_input("rel_embeddings", (x,), {"rel_embeddings": enc}) is enc and unit_input(2, (x,), {}) is None
