@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dsx.compress.depgraph import DepGraph, Group, build_depgraph, tensor_leaves
+from dsx.compress.depgraph import DepGraph, Group, build_depgraph, matches, tensor_leaves
 from dsx.compress.hf import is_conv1d, sync_config
-from dsx.compress.hf_layouts import patch_unit
+from dsx.compress.hf_layouts import expert_tensors, patch_unit
 from dsx.compress.importance import check_importance, group_scores
 from dsx.core.inputs import Inputs, run_model
 from dsx.core.transform import eval_mode
@@ -232,6 +232,48 @@ def _check_runs(model: nn.Module, inputs: Inputs, shapes: list[tuple[int, ...]])
                          "for the layers that feed the outputs")
 
 
+def block_linear_weights(model: nn.Module, skip: Sequence[str] = ()) -> dict[str, int]:
+    """The sizes of the linear weights inside a model's repeated blocks, the ones structured pruning aims at.
+
+    A block is anything under an ``nn.ModuleList`` (a transformer's layers); its linear weights are those of
+    ``nn.Linear`` and Hugging Face ``Conv1D`` layers and MoE expert tensors. Embeddings, the LM head, poolers and
+    classifiers live outside the blocks and do not count, nor do modules matched by ``skip``.
+
+    Args:
+        model: the model.
+        skip: module names or ``"re:<regex>"`` patterns left out, as in ``prune_structured``.
+
+    Returns:
+        Parameter name -> number of elements.
+    """
+    blocks = [f"{n}." for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    sizes = {}
+    for name, m in model.named_modules():
+        if any(name.startswith(b) for b in blocks) and not any(matches(name, p) for p in skip):
+            for t in ("weight",) if isinstance(m, nn.Linear) or is_conv1d(m) else expert_tensors(m):
+                sizes[f"{name}.{t}"] = getattr(m, t).numel()
+    return sizes
+
+
+def _warn_short(amount: float, ratio: float, linear_ratio: float | None, skipped: dict[str, str],
+                linears: dict[str, int]) -> None:
+    """Warn when the parameters removed fall more than 5 points short of ``amount``, naming the groups inside the
+    blocks that could not be pruned, one per reason."""
+    short = [f"{r:.1%} of the {what}" for r, what in ((ratio, "prunable parameters"),
+                                                      (linear_ratio, "linear weights in the model's blocks"))
+             if r is not None and r < amount - 0.05]
+    if not short:
+        return
+    reasons: dict[str, list[str]] = defaultdict(list)
+    for key, why in skipped.items():
+        if any(n.startswith(f"{key}.") for n in linears):
+            reasons[why].append(key)
+    named = "; ".join(f"{keys[0]}{f' (and {len(keys) - 1} more)' if len(keys) > 1 else ''}: {why}"
+                      for why, keys in reasons.items())
+    warnings.warn(f"structured pruning removed {' and '.join(short)}, short of amount={amount}"
+                  f"{f'; cannot be pruned: {named}' if named else ''} (see the report's 'skipped')", stacklevel=3)
+
+
 def _from_plan(plan: dict[str, int], groups: list[Group], skipped: dict[str, str]) -> dict[str, int]:
     by_key = {g.key: g for g in groups}
     for key, k in plan.items():
@@ -260,8 +302,10 @@ def prune_structured(model: nn.Module, amount: float, inputs: Inputs, *, importa
 
     The report: ``plan`` (group -> units kept: channels, neurons, heads, or KV groups under grouped-query
     attention), ``original`` (group -> units before), ``params_before`` / ``params_after`` / ``prunable_params``,
-    ``ratio`` (parameters removed / prunable ones), ``ratio_total`` (/ all), ``groups`` (count), ``pruned``
+    ``ratio`` (parameters removed / prunable ones), ``ratio_total`` (/ all), ``linear_ratio`` (/ the linear weights
+    in the model's blocks, see ``block_linear_weights``; None without blocks), ``groups`` (count), ``pruned``
     (groups shrunk), ``skipped`` (group -> reason), ``attention`` (module -> heads kept), ``config`` (changes).
+    Either ratio more than 5 points short of ``amount`` warns, naming what could not be pruned.
     """
     _check(amount, importance, scope, round_to, inputs, plan)
     graph = build_depgraph(model, inputs, skip=skip)
@@ -299,15 +343,17 @@ def prune_structured(model: nn.Module, amount: float, inputs: Inputs, *, importa
         keep_class[g.classes] = False
         keep_class[members] = True
     before = sum(p.numel() for p in params.values())
+    linear_before = block_linear_weights(model, skip)
     _shrink(model, graph, keep_class)
     attention = {name: heads for name in graph.attention if (heads := patch_unit(model.get_submodule(name)))}
     config = sync_config(model, attention)
     _check_runs(model, inputs, graph.output_shapes)
     after = sum(p.numel() for p in model.parameters())
     ratio = (before - after) / max(sizes.prunable, 1)
-    if plan is None and ratio < amount - 0.05:
-        warnings.warn(f"structured pruning removed {ratio:.1%} of the prunable parameters, short of amount={amount}: "
-                      f"{len(skipped)} channel groups cannot be pruned (see the report's 'skipped')", stacklevel=2)
+    linear_after = block_linear_weights(model, skip)
+    linear_ratio = 1 - sum(linear_after.values()) / sum(linear_before.values()) if linear_before else None
+    if plan is None:
+        _warn_short(amount, ratio, linear_ratio, skipped, linear_before)
     return model, {
         "plan": {g.key: len(m) for g, m in zip(groups, kept)},
         "original": {g.key: g.size for g in groups},
@@ -316,6 +362,7 @@ def prune_structured(model: nn.Module, amount: float, inputs: Inputs, *, importa
         "prunable_params": sizes.prunable,
         "ratio": round(ratio, 4),
         "ratio_total": round((before - after) / max(before, 1), 4),
+        "linear_ratio": None if linear_ratio is None else round(linear_ratio, 4),
         "groups": len(graph.groups),
         "pruned": sum(len(m) < g.size for g, m in zip(groups, kept)),
         "skipped": skipped,

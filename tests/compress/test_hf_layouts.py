@@ -8,11 +8,13 @@ cannot prune (``UNPRUNABLE``).
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 
+import dsx
 from dsx.compress.depgraph import tensor_leaves
 from dsx.compress.hf_layouts import ALIBI, EXPERT_MULTIPLE, ROUTER, LayerConfig
 from dsx.compress.structured import prune_structured
@@ -45,14 +47,16 @@ def linear_weights(model: nn.Module, exclude: tuple[str, ...] = ()) -> int:
 def test_removes_the_requested_share_of_the_prunable_linear_weights(name):
     model, kwargs = tiny_arch(name)
     before, weights = run(model, kwargs), linear_weights(model, UNPRUNABLE.get(name, ()))
-    pruned, info = prune_structured(model, 0.3, normalize_inputs(kwargs))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned, info = prune_structured(model, 0.3, normalize_inputs(kwargs))
     removed = 1 - linear_weights(pruned, UNPRUNABLE.get(name, ())) / weights
     assert abs(removed - 0.3) <= 0.05, (name, removed, info["skipped"])
     after = run(pruned, kwargs)
     assert [t.shape for t in after] == [t.shape for t in before]
     assert all(t.isfinite().all() for t in after if t.is_floating_point())
-    if name == "bloom":
-        assert info["skipped"]["h.0.self_attention"] == ALIBI
+    short = [str(w.message) for w in caught if "short of amount" in str(w.message)]
+    assert short == [] if name != "bloom" else len(short) == 1 and ALIBI in short[0], short
 
 
 def consumer_dim(model: nn.Module, name: str) -> int | None:
@@ -141,3 +145,21 @@ def test_moe_experts_keep_aligned_widths_and_the_router(name):
     if name == "mixtral":  # the config follows where one width holds for every layer
         widths = {layer.mlp.experts.intermediate_dim for layer in pruned.layers}
         assert pruned.config.intermediate_size == (widths.pop() if len(widths) == 1 else 128)
+
+
+def test_prune_warns_when_layers_cannot_be_pruned():
+    model, kwargs = tiny_arch("bloom")
+    with pytest.warns(UserWarning, match="linear weights in the model's blocks.*h.0.self_attention.*ALiBi"):
+        small = dsx.prune(model, 0.3, structured=True, example_inputs=kwargs)
+    info = dsx.history(small)[-1]["info"]
+    assert info["skipped"]["h.0.self_attention"] == ALIBI and info["linear_ratio"] < 0.25
+    assert small.h[0].mlp.dense_h_to_4h.out_features < 256
+
+
+def test_skipped_layers_do_not_count_as_short():
+    model, kwargs = tiny_arch("phi3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, info = prune_structured(model, 0.3, normalize_inputs(kwargs), skip=["re:.*self_attn"])
+    assert all(h == {"heads": 8, "kv_heads": 4} for h in info["attention"].values())
+    assert abs(info["linear_ratio"] - 0.3) <= 0.05  # of the MLPs: attention was skipped on request

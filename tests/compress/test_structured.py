@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dsx.compress.structured import prune_structured
+from dsx.compress.structured import block_linear_weights, prune_structured
 from dsx.core.inputs import normalize_inputs
 from dsx.models import TinyResNet, randomize_batchnorm
 
@@ -261,3 +261,34 @@ def test_taylor_on_an_endless_calibration_iterator_stops_and_warns():
     model, x = MODELS["mlp"]()
     with pytest.warns(UserWarning, match=f"calibration: read the first {MAX_BATCHES} batches and stopped"):
         prune(copy.deepcopy(model), x, 0.5, importance="taylor", calibration=itertools.repeat(x))
+
+
+class Blocks(nn.Module):
+    """Linear layers inside an nn.ModuleList (the blocks) between an embedding and a head outside them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(10, 8), nn.Linear(8, 10)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)) for _ in range(2))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def test_block_linear_weights_are_the_linears_inside_the_blocks():
+    weights = block_linear_weights(Blocks())
+    assert weights == {f"blocks.{i}.{j}.weight": 256 for i in (0, 1) for j in (0, 2)}
+    assert set(block_linear_weights(Blocks(), skip=["blocks.1"])) == {"blocks.0.0.weight", "blocks.0.2.weight"}
+    assert block_linear_weights(MODELS["mlp"]()[0]) == {}  # no blocks
+
+
+def test_the_report_gives_the_share_of_block_linear_weights_removed():
+    ids = torch.randint(0, 10, (2, 5))
+    pruned, info = prune(Blocks(), ids, 0.5)
+    kept = sum(block_linear_weights(pruned).values())
+    assert kept < 1024 and info["linear_ratio"] == round(1 - kept / 1024, 4)
+    _, info = prune(MODELS["mlp"]()[0], torch.randn(4, 12), 0.5)
+    assert info["linear_ratio"] is None
