@@ -59,16 +59,16 @@ class HeadLayout:
     multiple: int = 1
 
     def fits(self, module: nn.Module) -> bool:
-        """Every head slice matches its tensor's size and the layout names every parameter held by the module itself
-        (a module that only looks like the layout, or has per-head parameters of its own, does not fit)."""
-        named = {s.tensor for s in self.heads if not s.module} | {t for m, t, *_ in self.inputs + self.outputs if not m}
-        if any(p is not None and n not in named for n, p in module._parameters.items()):
+        """Every head slice matches its tensor's size, and no parameter the layout leaves out has a dim the size of
+        the heads (Swin's relative position bias table, OLMo-2's norm over all query heads): a module that only looks
+        like the layout does not fit."""
+        named = [getattr(module.get_submodule(m), t, None) for m, t, *_ in self.inputs + self.outputs]
+        named += [getattr(module.get_submodule(s.module), s.tensor, None) for s in self.heads]
+        sizes = {self.units * self.heads_per_unit} | {s.size(self.units) for s in self.heads}
+        if any(not any(p is t for t in named) and sizes & set(p.shape) for p in module.parameters()):
             return False
-        for s in self.heads:
-            t = getattr(module.get_submodule(s.module), s.tensor, None)
-            if not isinstance(t, torch.Tensor) or t.dim() <= s.dim or t.shape[s.dim] != s.size(self.units):
-                return False
-        return True
+        return all(isinstance(t, torch.Tensor) and t.dim() > s.dim and t.shape[s.dim] == s.size(self.units)
+                   for s, t in zip(self.heads, named[-len(self.heads):]))
 
 
 def linears(module: nn.Module, *names: str) -> bool:

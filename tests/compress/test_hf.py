@@ -129,19 +129,19 @@ def test_head_slices_lay_out_sections_then_fixed_positions():
     assert phi3.positions(units).tolist() == [7, 7, 9, 9, 7, 9, 7, 9]
 
 
-class SinkAttention(torch.nn.Module):
-    """Llama-like attention with a per-head parameter of its own that no layout names."""
+class BiasedAttention(torch.nn.Module):
+    """q/k/v/o attention with a per-head position bias table the layout does not name (as in Swin)."""
 
     def __init__(self):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (torch.nn.Linear(8, 8) for _ in range(4))
-        self.head_dim, self.scale = 4, torch.nn.Parameter(torch.ones(2))
+        self.head_dim, self.position_bias = 4, torch.nn.Embedding(9, 2)
 
 
-def test_a_module_with_parameters_its_layout_does_not_name_is_not_a_unit():
-    module = SinkAttention()
+def test_a_module_with_per_head_parameters_its_layout_leaves_out_is_not_a_unit():
+    module = BiasedAttention()
     assert head_layout(module).fits(module) is False and unit_layout(module) is None
-    del module.scale
+    module.position_bias = torch.nn.Embedding(9, 3)  # not the head count: shared by the heads, it may stay
     assert unit_layout(module).units == 2
 
 
