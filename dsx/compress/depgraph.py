@@ -86,7 +86,7 @@ class DepGraph:
     claims: list[Claim]
     groups: list[Group]
     num_classes: int
-    attention: dict[str, HeadLayout] = field(default_factory=dict)
+    layouts: dict[str, HeadLayout] = field(default_factory=dict)
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
 
@@ -380,7 +380,7 @@ class _Tracer(TorchFunctionMode):
         if not isinstance(x, torch.Tensor):  # its weights stay unclaimed, its outputs fixed
             return self.label_outputs(outs, np.zeros(0, dtype=np.int64), 0)
         if (layout := unit_layout(module)) is not None:
-            return self.attention_unit(module, name, layout, (x, *args[1:]), kwargs, outs)
+            return self.layout_unit(module, name, layout, (x, *args[1:]), kwargs, outs)
         if isinstance(module, nn.Linear) or is_conv1d(module):
             linear = isinstance(module, nn.Linear)
             self.claim(module, "weight", 1 if linear else 0, self.channel_ids(x, -1, name), name)
@@ -449,8 +449,8 @@ class _Tracer(TorchFunctionMode):
         for o in outs[:1]:
             self.set(o, label if label is not None and o.shape == x.shape else None)
 
-    def attention_unit(self, module: nn.Module, name: str, layout: HeadLayout, args: tuple, kwargs: dict,
-                       outs: list[torch.Tensor]) -> None:
+    def layout_unit(self, module: nn.Module, name: str, layout: HeadLayout, args: tuple, kwargs: dict,
+                    outs: list[torch.Tensor]) -> None:
         self.layouts[name] = layout
         for sub, tensor, dim, source in layout.inputs:
             if isinstance(src := unit_input(source, args, kwargs), torch.Tensor):

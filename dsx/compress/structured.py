@@ -313,7 +313,7 @@ def prune_structured(model: nn.Module, amount: float, inputs: Inputs, *, importa
     groups, allowed = [], []
     for g in graph.groups:
         if g.reason is None:
-            layout = graph.attention.get(g.key)
+            layout = graph.layouts.get(g.key)
             values = _allowed(g, round_to if plan is None else None, layout.multiple if layout else 1)
             if len(values) > 1:
                 groups.append(g)
@@ -345,7 +345,7 @@ def prune_structured(model: nn.Module, amount: float, inputs: Inputs, *, importa
     before = sum(p.numel() for p in params.values())
     linear_before = block_linear_weights(model, skip)
     _shrink(model, graph, keep_class)
-    attention = {name: heads for name in graph.attention if (heads := patch_unit(model.get_submodule(name)))}
+    attention = {name: heads for name in graph.layouts if (heads := patch_unit(model.get_submodule(name)))}
     config = sync_config(model, attention)
     _check_runs(model, inputs, graph.output_shapes)
     after = sum(p.numel() for p in model.parameters())
