@@ -97,6 +97,8 @@ class QuantConfig:
 
     def rejects(self, module: nn.Module) -> str | None:
         """Why this format leaves the linear ``module`` float; None when it quantizes it."""
+        if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            return "out_proj of nn.MultiheadAttention, whose forward reads the float weight directly"
         if not linear_weight(module)[0].is_floating_point():
             return "weight is not floating point"
         return None

@@ -293,3 +293,22 @@ def test_quantizing_nothing_warns_and_leaves_the_model_as_it_was():
     assert [type(m) for m in out] == [nn.ReLU, nn.Tanh]
     with pytest.warns(UserWarning, match="left float: \\{'0': 'skip'\\}"):
         dsx.quantize(nn.Sequential(nn.Linear(4, 4)), "int8", skip=["0"], progress=False)
+
+
+def test_multihead_attention_out_proj_stays_float():
+    """nn.MultiheadAttention's forward reads out_proj.weight itself (SigLIP's pooling head): it stays float."""
+
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.mlp = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.mlp(self.attn(x, x, x, need_weights=False)[0])
+
+    model, x = Pool().eval(), torch.randn(2, 5, 32)
+    q = dsx.quantize(model, "int8", example_inputs=x, progress=False)
+    assert isinstance(q.mlp, Int8Linear) and type(q.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert "MultiheadAttention" in dsx.history(q)[-1]["info"]["skipped"]["attn.out_proj"]
+    assert cosine(q(x), model(x)) > 0.999
