@@ -37,7 +37,7 @@ def export_format(path: Path, format: str | None = None) -> str:
 
 def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, format: str | None = None,
            dynamic_shapes: Any = None, opset: int | None = None, verify: bool = True,
-           precision: str | None = None) -> ExportResult:
+           precision: str | None = None, kv_cache: bool = False) -> ExportResult:
     """Export ``model`` traced on ``example_inputs`` to ``path`` and return what was written and how close it is.
 
     The format comes from ``format`` (``"onnx"``, ``"pt2"``, ``"tensorrt"``) or the suffix: ``.onnx`` (run in
@@ -46,17 +46,28 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, fo
     torch.export spec or ``"batch"`` (dim 0 of every input dynamic). ``opset`` applies to ONNX only and
     ``precision`` (``"fp32"``, ``"fp16"``, ``"int8"``) to TensorRT only. ``verify=True`` runs the written file
     on the example inputs and raises ``dsx.VerificationError`` when it drifts from the model.
+    A Hugging Face decoder exports without its KV cache by default; ``kv_cache=True`` (ONNX only) writes it
+    "with past" (``past_key_values.*`` inputs, ``present.*`` outputs, see ``dsx.export.decoder``) and verifies it
+    by greedy decoding from the example prompt in onnxruntime.
     """
     check_module(model)
     normalize_inputs(example_inputs)
     path = check_path("path", path, directory=False)
     check_flag("verify", verify)
+    check_flag("kv_cache", kv_cache)
     fmt = export_format(path, format)
+    if kv_cache and fmt != "onnx":
+        raise ValueError(f"kv_cache: only the onnx format exports a decoder with its KV cache, not {fmt}")
     if opset is not None and fmt != "onnx":
         raise ValueError(f"opset: only the onnx format takes an opset, not {fmt}")
     if precision is not None and fmt != "tensorrt":
         raise ValueError(f"precision: only the tensorrt format (.engine / .ts) takes a precision, not {fmt}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if kv_cache:
+        from dsx.export.decoder import export_decoder_onnx
+
+        return export_decoder_onnx(model, example_inputs, path, dynamic_shapes=dynamic_shapes, opset=opset,
+                                   verify=verify)
     if fmt == "onnx":
         from dsx.export.onnx import export_onnx
 

@@ -17,7 +17,7 @@ from dsx.core.inputs import Inputs, check_module, normalize_inputs
 from dsx.core.transform import VerificationError, compare_outputs
 from dsx.export.onnx_ops import DEFAULT_OPSET, translation_table
 from dsx.export.qdq import qdq_form
-from dsx.export.result import ExportResult, check_error, prepare
+from dsx.export.result import ExportResult, check_error, prepare, unpadded
 from dsx.quant.linear import FP8, QuantLinear
 from dsx.quant.qat import QATLinear
 from dsx.quant.quantize import BNB_CLASSES, quantized_module
@@ -86,15 +86,100 @@ def _not_exportable(model: nn.Module) -> str | None:
     return None
 
 
+def check_exportable(model: nn.Module) -> None:
+    """Raise ``ValueError`` for a model holding a module ONNX export cannot express yet (QAT, bitsandbytes)."""
+    check_module(model)
+    if (bad := _not_exportable(model)) is not None:
+        raise ValueError(f"model: {bad} cannot be exported to ONNX yet: QAT fake-quant and bitsandbytes layers "
+                         "have no ONNX form here (dsx.convert a QAT model first)")
+
+
+STRIDE_ERROR = "Cannot view a tensor"
+"""The ONNX exporter's error when a decomposition gave a ``view``'s input other strides (see ``contiguous_views``)."""
+
+
+def contiguous_views(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` with a contiguous ``clone`` (an ``Identity`` in ONNX) before every ``view`` and ``reshape``.
+
+    The ONNX exporter re-runs the graph after its decompositions, and ops such as CPU flash attention give their
+    outputs other strides on that second run; a ``view`` chosen by the first run's strides then fails ("Cannot
+    view a tensor with shape ...": T5, Swin with SDPA attention). A contiguous input makes every view valid on
+    both runs; ``write_onnx`` exports the program's module again with this change when that error occurs.
+    """
+    graph = program.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default):
+            with graph.inserting_before(node):
+                dense = graph.call_function(torch.ops.aten.clone.default, (node.args[0],),
+                                            {"memory_format": torch.contiguous_format})
+            dense.meta = dict(node.args[0].meta)
+            node.args = (dense, *node.args[1:])
+    program.graph_module.recompile()
+    return program
+
+
+def write_onnx(model: nn.Module, inputs: Inputs, path: Path, *, dynamic_shapes: Any, opset: int | None,
+               notes: list[str], input_names: list[str] | None = None,
+               output_names: list[str] | None = None) -> torch.export.ExportedProgram:
+    """Trace ``model`` on ``inputs`` (int8_static / fp8 linears in their QDQ form), write the ONNX file ``path``,
+    check it with ``onnx.checker`` and return the exported program (whose input names the graph keeps).
+
+    Raises:
+        ValueError: an ``opset`` under ``MIN_OPSET``, or under ``FLOAT8_OPSET`` for a model with fp8 layers.
+    """
+    onnx, _ = _require_onnx()
+    opset = DEFAULT_OPSET if opset is None else opset
+    if type(opset) is not int or opset < MIN_OPSET:
+        raise ValueError(f"opset: torch's ONNX exporter writes opset {MIN_OPSET} or newer; got {opset!r}")
+    fp8 = any(isinstance(m, QuantLinear) and m.weight_dtype == FP8 for m in model.modules())
+    if fp8 and opset < FLOAT8_OPSET:
+        raise ValueError(f"opset: float8 layers need ONNX opset >= {FLOAT8_OPSET}, got {opset}")
+    traced, n_qdq = qdq_form(model)
+    if n_qdq:
+        notes.append(f"{n_qdq} int8_static linears as QuantizeLinear / DequantizeLinear pairs")
+    args, kwargs = inputs
+
+    def to_onnx(module: nn.Module) -> Any:
+        return torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                 opset_version=opset, custom_translation_table=translation_table(opset),
+                                 input_names=input_names, output_names=output_names, verbose=False)
+
+    try:
+        program = to_onnx(traced)
+    except Exception as e:
+        if STRIDE_ERROR not in str(e):
+            raise
+        exported = torch.export.export(traced, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        program = to_onnx(contiguous_views(exported).module())
+        notes.append("views made contiguous (the exporter's decompositions changed an attention output's strides)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(path)
+    onnx.checker.check_model(str(path))
+    notes.append(f"opset {opset}")
+    return program.exported_program
+
+
+def check_quantized(reference: list[torch.Tensor], outputs: list[torch.Tensor], notes: list[str]) -> None:
+    """Raise ``VerificationError`` when onnxruntime's outputs of a quantized model fall under
+    ``QUANTIZED_MIN_COSINE`` to PyTorch's; note the cosine otherwise."""
+    cosine = min_cosine(reference, outputs)
+    if cosine < QUANTIZED_MIN_COSINE:
+        raise VerificationError(f"onnx export: onnxruntime's outputs of the quantized model have cosine similarity "
+                                f"{cosine:.4f} to PyTorch's, under {QUANTIZED_MIN_COSINE}")
+    notes.append(f"quantized: cosine similarity {cosine:.5f} to PyTorch")
+
+
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, dynamic_shapes: Any = None,
                 opset: int | None = None, verify: bool = True, rtol: float | None = None) -> ExportResult:
     """Export ``model`` on ``example_inputs`` to the ONNX file ``path`` (weights inside unless over 2 GB).
 
     ``dynamic_shapes`` is a torch.export spec, or ``"batch"`` to keep dim 0 of every input dynamic; ``opset`` is
-    the ONNX opset (default 20). Non-tensor inputs are baked into the graph. The file passes ``onnx.checker``;
-    with ``verify=True`` it is run in onnxruntime on the example inputs and compared with PyTorch's outputs
-    (``max_abs`` / ``max_rel`` in the result); a max relative error over ``rtol`` (default 1e-4) raises
-    ``VerificationError``, and for a quantized model without an ``rtol`` a cosine similarity under
+    the ONNX opset (default 20). Non-tensor inputs are baked into the graph; a Hugging Face decoder is exported
+    with ``use_cache=False`` (``dsx.export.decoder`` writes one with its KV cache). The file passes
+    ``onnx.checker``; with ``verify=True`` it is run in onnxruntime on the example inputs and compared with
+    PyTorch's outputs (``max_abs`` / ``max_rel`` in the result; positions an ``attention_mask`` pads are not
+    compared); a max relative error over ``rtol`` (default 1e-4)
+    raises ``VerificationError``, and for a quantized model without an ``rtol`` a cosine similarity under
     ``QUANTIZED_MIN_COSINE`` does. A model in training mode is exported in eval mode (a copy).
     dsx ``int8`` linears export as per-token quantization and ``MatMulInteger``, ``int8_static`` ones as QDQ
     pairs with the calibrated scales, ``int8_weight_only`` as a per-channel ``DequantizeLinear`` weight, ``fp8`` as
@@ -104,42 +189,19 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"path: an ONNX file name must end in .onnx, got {str(path)!r}")
-    check_module(model)
-    if (bad := _not_exportable(model)) is not None:
-        raise ValueError(f"model: {bad} cannot be exported to ONNX yet: QAT fake-quant and bitsandbytes layers "
-                         "have no ONNX form here (dsx.convert a QAT model first)")
+    check_exportable(model)
     by_cosine = rtol is None and quantized_module(model) is not None
     inputs = normalize_inputs(example_inputs)
-    onnx, _ = _require_onnx()
-    model, dynamic_shapes, notes, expected = prepare(model, inputs, dynamic_shapes)
-    traced, n_qdq = qdq_form(model)
-    if n_qdq:
-        notes.append(f"{n_qdq} int8_static linears as QuantizeLinear / DequantizeLinear pairs")
-    opset = DEFAULT_OPSET if opset is None else opset
-    if type(opset) is not int or opset < MIN_OPSET:
-        raise ValueError(f"opset: torch's ONNX exporter writes opset {MIN_OPSET} or newer; got {opset!r}")
-    fp8 = any(isinstance(m, QuantLinear) and m.weight_dtype == FP8 for m in model.modules())
-    if fp8 and opset < FLOAT8_OPSET:
-        raise ValueError(f"opset: float8 layers need ONNX opset >= {FLOAT8_OPSET}, got {opset}")
-    args, kwargs = inputs
-    program = torch.onnx.export(traced, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                opset_version=opset, custom_translation_table=translation_table(opset),
-                                verbose=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(path)
-    onnx.checker.check_model(str(path))
-    notes.append(f"opset {opset}")
+    _require_onnx()
+    model, inputs, dynamic_shapes, notes, expected = prepare(model, inputs, dynamic_shapes)
+    program = write_onnx(model, inputs, path, dynamic_shapes=dynamic_shapes, opset=opset, notes=notes)
     if not verify:
         return ExportResult(path, "onnx", notes=notes)
-    reference = [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)]
-    outputs = run_onnx(path, _named_inputs(program.exported_program, inputs))
+    reference = unpadded(inputs, [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)])
+    outputs = unpadded(inputs, run_onnx(path, _named_inputs(program, inputs)))
     err = compare_outputs(reference, outputs)
     if by_cosine:
-        cosine = min_cosine(reference, outputs)
-        if cosine < QUANTIZED_MIN_COSINE:
-            raise VerificationError(f"onnx export: onnxruntime's outputs of the quantized model have cosine similarity "
-                                    f"{cosine:.4f} to PyTorch's, under {QUANTIZED_MIN_COSINE}")
-        notes.append(f"quantized: cosine similarity {cosine:.5f} to PyTorch")
+        check_quantized(reference, outputs, notes)
     else:
         check_error("onnx", "onnxruntime's outputs", err, 1e-4 if rtol is None else rtol)
     notes.append("verified in onnxruntime (CPUExecutionProvider)")

@@ -121,7 +121,7 @@ def export_pt2(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *
     """
     check_module(model)
     inputs = normalize_inputs(example_inputs)
-    model, dynamic_shapes, notes, expected = prepare(model, inputs, dynamic_shapes)
+    model, inputs, dynamic_shapes, notes, expected = prepare(model, inputs, dynamic_shapes)
     program = torch.export.export(model, *inputs, dynamic_shapes=dynamic_shapes, strict=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

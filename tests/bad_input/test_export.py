@@ -23,6 +23,20 @@ def one_row():
     return x()[:1]
 
 
+def tiny_lm(kind="llama"):
+    transformers = pytest.importorskip("transformers")
+    if kind == "t5":
+        cfg = transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=100)
+        return transformers.T5ForConditionalGeneration(cfg).eval()
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   intermediate_size=64, vocab_size=100)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def ids():
+    return torch.randint(0, 100, (2, 5))
+
+
 
 CASES = [
     # model
@@ -63,6 +77,21 @@ CASES = [
     case("example_inputs-wrong-shape-onnx", lambda m, p: dsx.export(m, torch.randn(4, 7), p / "m.onnx"),
          "example_inputs"),
     case("model-raises-pt2", lambda m, p: dsx.export(m, x(), p / "m.pt2"), "example_inputs|model", make=Raising),
+    # kv_cache
+    case("kv_cache-str", lambda m, p: dsx.export(m, ids(), p / "m.onnx", kv_cache="yes"), "kv_cache", TypeError,
+         make=tiny_lm),
+    case("kv_cache-for-pt2", lambda m, p: dsx.export(m, ids(), p / "m.pt2", kv_cache=True), "kv_cache",
+         make=tiny_lm),
+    case("kv_cache-not-a-decoder", lambda m, p: dsx.export(m, x(), p / "m.onnx", kv_cache=True), "model"),
+    case("kv_cache-encoder-decoder", lambda m, p: dsx.export(m, ids(), p / "m.onnx", kv_cache=True), "model",
+         make=lambda: tiny_lm("t5")),
+    case("kv_cache-float-ids", lambda m, p: dsx.export(m, torch.randn(2, 5), p / "m.onnx", kv_cache=True),
+         "example_inputs", make=tiny_lm),
+    case("kv_cache-dynamic_shapes", lambda m, p: dsx.export(m, ids(), p / "m.onnx", kv_cache=True,
+                                                            dynamic_shapes="batch"), "dynamic_shapes", make=tiny_lm),
+    case("example_inputs-use_cache", lambda m, p: dsx.export(m, {"input_ids": ids(), "use_cache": True},
+                                                             p / "m.onnx"), "example_inputs.*kv_cache=True",
+         make=tiny_lm),
 ]
 
 

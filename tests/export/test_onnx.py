@@ -16,7 +16,7 @@ pytest.importorskip("onnxscript")
 
 import dsx  # noqa: E402
 from dsx.core.transform import VerificationError, compare_outputs  # noqa: E402
-from dsx.export.onnx import export_onnx, run_onnx  # noqa: E402
+from dsx.export.onnx import contiguous_views, export_onnx, run_onnx  # noqa: E402
 from dsx.quant.linear import fp8_supported  # noqa: E402
 from dsx.models import TinyResNet, randomize_batchnorm  # noqa: E402
 from tests.hf_models import tiny_hf  # noqa: E402
@@ -231,3 +231,17 @@ def test_missing_onnx_packages_raise_import_error_with_the_hint(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match=r'pip install "dsx\[onnx\]"'):
         export_onnx(mlp(), torch.randn(3, 16), tmp_path / "m.onnx")
+
+
+class _TransposeView(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2).reshape(x.shape[0], -1) * 2
+
+
+def test_contiguous_views_puts_a_contiguous_clone_before_every_view():
+    x = torch.randn(2, 3, 4)
+    program = contiguous_views(torch.export.export(_TransposeView(), (x,), strict=False))
+    nodes = list(program.graph.nodes)
+    views = [n for n in nodes if n.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default)]
+    assert views and all(n.args[0].target is torch.ops.aten.clone.default for n in views)
+    assert torch.equal(program.module()(x), _TransposeView()(x))
