@@ -19,6 +19,7 @@ from dsx.graph.capture import Captured, capture
 from dsx.graph.compiled import Compile
 from dsx.graph.fuse import Fuse, fusions
 from dsx.graph.pass_manager import available_passes
+from dsx.pretrained import from_pretrained
 from dsx.quant import Convert, Quantize, convert, quantize
 
 __version__ = "0.1.0"
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Captured", "Compile", "Compose", "Convert", "Distill", "Fuse", "MakePermanent", "Prune", "PruningSchedule",
     "Quantize", "Report", "Sparsify", "Summary", "Transform", "VerificationError", "available_passes", "capture",
-    "compile_backend", "compose", "convert", "distill", "export", "from_recipe", "fusions", "history", "load",
-    "make_permanent", "optimize", "parallel", "prune", "quantize", "report", "save", "sparsify", "summary",
-    "to_recipe",
+    "compile_backend", "compose", "convert", "distill", "export", "from_pretrained", "from_recipe", "fusions",
+    "history", "load", "make_permanent", "optimize", "parallel", "prune", "quantize", "report", "save", "sparsify",
+    "summary", "to_recipe",
 ]

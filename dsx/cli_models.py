@@ -1,6 +1,6 @@
-"""What the ``dsx`` command works on: a model from ``package.module:factory`` or a ``.pt2`` program, and its inputs.
-
-Models are built by calling user code or loading an exported program, never by unpickling a whole-model file.
+"""What the ``dsx`` command works on: a model from ``package.module:factory``, a Hugging Face folder or a ``.pt2``
+program, and its inputs. Models are built by calling user code or loading safetensors / an exported program, never
+by unpickling a whole-model file.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from dsx.core.inputs import check_module, normalize_inputs
+from dsx.pretrained import TASKS, from_pretrained, hf_example_inputs, is_hf_folder
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -66,14 +67,19 @@ def call_factory(spec: str, *, what: str = "MODEL") -> Any:
         raise ValueError(f"{what} {spec!r}: the factory raised {type(e).__name__}: {e}") from e
 
 
-def load_model(spec: str) -> nn.Module:
-    """The eval-mode module a MODEL argument names: ``package.module:factory`` (called) or a ``.pt2`` program."""
+def load_model(spec: str, task: str = "auto") -> nn.Module:
+    """The eval-mode module a MODEL argument names: ``package.module:factory`` (called), a Hugging Face folder
+    (``config.json`` + safetensors, or a dsx save of such a model; ``task`` picks the head) or a ``.pt2``
+    program."""
+    if is_hf_folder(spec):
+        return from_pretrained(spec, task=task)
     if spec.endswith(".pt2"):
         from dsx.export.pt2 import load_pt2
 
         return load_pt2(spec)
     if ":" not in spec:
-        raise ValueError(f"MODEL {spec!r}: expected package.module:factory or a .pt2 file")
+        raise ValueError(f"MODEL {spec!r}: expected package.module:factory, a Hugging Face model folder (with "
+                         "config.json) or a .pt2 file")
     model = call_factory(spec)
     check_module(model, f"MODEL {spec!r} (what the factory returned)")
     return model.eval()
@@ -119,8 +125,10 @@ def example_inputs(*, shapes: Sequence[Sequence[int]] | None = None, dtypes: Seq
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The MODEL positional and the example-input options shared by ``optimize``, ``export`` and ``bench``."""
-    parser.add_argument("model", metavar="MODEL", help="package.module:factory (a callable returning the nn.Module) "
-                                                       "or a .pt2 file")
+    parser.add_argument("model", metavar="MODEL", help="package.module:factory (a callable returning the nn.Module), "
+                                                       "a Hugging Face model folder or a .pt2 file")
+    parser.add_argument("--task", choices=sorted(TASKS), default="auto",
+                        help="with a Hugging Face folder: the head to load (default: the class config.json names)")
     parser.add_argument("--input-shape", type=parse_shape, action="append", metavar="D0,D1,...",
                         help="shape of a random positional input; repeat for several inputs")
     parser.add_argument("--input-dtype", type=parse_dtype, action="append", metavar="DTYPE",
@@ -132,8 +140,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_and_inputs(args: argparse.Namespace) -> tuple[nn.Module, Any]:
-    """The model and example inputs the parsed ``add_model_arguments`` options describe."""
+    """The model and example inputs the parsed ``add_model_arguments`` options describe (a Hugging Face folder
+    without input options gets inputs built from its config)."""
+    if is_hf_folder(args.model) and not (args.input_shape or args.input_dtype or args.inputs):
+        model = load_model(args.model, args.task)
+        return model, hf_example_inputs(model)
     inputs = example_inputs(shapes=args.input_shape, dtypes=args.input_dtype, high=args.input_high,
                             factory=args.inputs)
-    return load_model(args.model), inputs
+    return load_model(args.model, args.task), inputs
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dsx as dsx_api
 from dsx.cli import main
 from dsx.graph.pass_manager import available_passes
 
@@ -193,3 +194,25 @@ def test_debug_shows_the_traceback(tmp_path):
     assert "Traceback (most recent call last)" in res.stderr and "ModuleNotFoundError" in res.stderr
     with pytest.raises(ValueError, match="cannot import module 'nope'"):
         main(["optimize", "nope:missing", "--input-shape", "2,3", "--debug"])
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_optimize_a_hugging_face_folder_end_to_end(arch, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if arch == "bert":
+        model = transformers.BertModel(transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+            vocab_size=100))
+    model.save_pretrained(tmp_path / "folder")
+    out = ok(dsx(tmp_path, "optimize", "./folder", "--quantize", "int8", "--no-compile", "--export", "out.onnx",
+                 "--out", "./folder-int8", "--no-progress"))
+    assert "saved: folder-int8" in out and "exported: onnx -> out.onnx" in out
+    assert {"config.json", "model.safetensors", "dsx.json"} <= {p.name for p in (tmp_path / "folder-int8").iterdir()}
+    again = dsx_api.from_pretrained(tmp_path / "folder-int8")
+    want = dsx_api.quantize(dsx_api.from_pretrained(tmp_path / "folder"), "int8", progress=False)
+    ids = torch.randint(0, 100, (2, 8))
+    assert torch.equal(again(ids)[0], want(ids)[0])

@@ -81,7 +81,7 @@ def test_factory_is_loaded_from_the_working_directory(factories):
 
 
 @pytest.mark.parametrize("spec,error,match", [
-    ("userfacs", ValueError, "expected package.module:factory or a .pt2 file"),
+    ("userfacs", ValueError, "expected package.module:factory, a Hugging Face model folder"),
     (":make", ValueError, "expected package.module:factory"),
     ("nope_module_xyz:make", ValueError, "cannot import module 'nope_module_xyz'"),
     ("userfacs:missing", ValueError, "has no attribute 'missing'"),

@@ -44,7 +44,8 @@ def is_save(path: Path) -> bool:
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``path/model.safetensors`` (the state dict) and ``path/dsx.json`` (origin, mode, history), atomically.
+    """Write ``path/model.safetensors`` (the state dict) and ``path/dsx.json`` (origin, mode, history), atomically;
+    for a Hugging Face model also its ``config.json`` (and ``generation_config.json``), as ``save_pretrained`` does.
 
     Both files are written and fsynced in a sibling directory that then replaces ``path`` by rename: a crash at any
     point leaves the previous save at ``path`` (or, between the two renames, beside it, where ``load`` finds it).
@@ -80,12 +81,28 @@ def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) 
                          "replace it (its contents are deleted)")
     tmp = start(path)
     try:
-        save_model(model, str(tmp / WEIGHTS), force_contiguous=True)
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"}, force_contiguous=True)
         fsync_file(tmp / WEIGHTS)
+        for name, config in hf_configs(model).items():
+            write_bytes(tmp / name, config.encode())
         write_bytes(tmp / META, text.encode())
         return commit(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hf_configs(model: nn.Module) -> dict[str, str]:
+    """A Hugging Face model's ``config.json`` (naming its original class in ``architectures``, as
+    ``save_pretrained`` does) and ``generation_config.json`` texts by file name; none for other models. With them
+    a save is also a folder ``from_pretrained`` reads (see ``dsx.from_pretrained``)."""
+    found = {"config.json": getattr(model, "config", None),
+             "generation_config.json": getattr(model, "generation_config", None)}
+    texts = {name: c.to_json_string() for name, c in found.items() if callable(getattr(c, "to_json_string", None))}
+    if "config.json" in texts:
+        config = json.loads(texts["config.json"])
+        config["architectures"] = [origin(model).rsplit(".", 1)[-1]]
+        texts["config.json"] = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    return texts
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
