@@ -1,4 +1,4 @@
-"""Compressed gradient communication for DistributedDataParallel: fp16/bf16, int8, top-k and PowerSGD comm hooks.
+"""Compressed gradient communication for DistributedDataParallel: fp16/bf16, int8, top-k, 2:4 and PowerSGD hooks.
 Gradient traffic often limits data-parallel scaling; each hook counts the bytes it sends against fp32 all-reduce.
 
 Bytes are counted per rank with the bandwidth-optimal ring model: an all-reduce of ``B`` bytes sends ``2 (N-1) B / N``,
@@ -8,10 +8,9 @@ compares like with like for any world size ``N``.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -19,11 +18,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
-SPECS = ("fp16", "bf16", "int8[:chunk=1024]", "topk:FRACTION", "powersgd[:rank=4,start_iter=10]")
-"""The spec strings ``compress_gradients`` accepts; options go after a colon, comma-separated."""
-
-_OPTIONS = {"fp16": {}, "bf16": {}, "int8": {"chunk": 1024}, "topk": {"fraction": 0.01},
-            "powersgd": {"rank": 4, "start_iter": 10}}
+from dsx.parallel.codecs import Codec, IntCodec, TopKCodec, TwoFourCodec
 
 
 @dataclass
@@ -46,77 +41,6 @@ class CommStats:
     def __str__(self) -> str:
         return (f"{self.spec}: {self.bytes_sent / 1e6:.3f} MB sent vs {self.bytes_uncompressed / 1e6:.3f} MB "
                 f"uncompressed ({self.ratio:.2f}x) over {self.steps} steps on {self.world_size} ranks")
-
-
-NONFINITE = -128
-"""The int8 code of an inf / NaN entry (finite values use -127..127): it decodes to NaN."""
-
-
-def quantize_int8(x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one fp32 scale (absmax / 127) per ``chunk`` elements of the last dim (the last may be short).
-
-    The scales cover the finite entries only; an inf / NaN entry gets the code ``NONFINITE`` (decoded as NaN), so it
-    reaches the optimizer (and GradScaler) as non-finite without spoiling the rest of its chunk.
-    Returns ``(q, scales)``: ``q`` int8 of ``x``'s shape, ``scales`` of shape ``(..., ceil(L / chunk))``.
-    """
-    length = x.shape[-1]
-    chunks = -(-length // chunk)
-    blocks = F.pad(x.float(), (0, chunks * chunk - length)).view(*x.shape[:-1], chunks, chunk)
-    finite = torch.isfinite(blocks)
-    scales = blocks.abs().masked_fill_(~finite, 0).amax(-1) / 127
-    q = torch.round(blocks / scales.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)).clamp_(-127, 127)
-    q = q.masked_fill_(~finite, NONFINITE)
-    return q.to(torch.int8).view(*x.shape[:-1], chunks * chunk)[..., :length], scales
-
-
-def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The fp32 tensor ``quantize_int8`` encoded as ``(q, scales)`` (NaN where it was not finite)."""
-    length = q.shape[-1]
-    blocks = F.pad(q.float(), (0, scales.shape[-1] * chunk - length)).view(*scales.shape, chunk)
-    out = (blocks * scales.unsqueeze(-1)).masked_fill_(blocks == NONFINITE, float("nan"))
-    return out.view(*q.shape[:-1], -1)[..., :length]
-
-
-def topk_compress(x: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``ceil(fraction * numel)`` largest-magnitude entries of flat ``x``: ``(values fp32, indices int32)``."""
-    k = min(x.numel(), max(1, math.ceil(round(fraction * x.numel(), 6))))  # 0.1 * 170 is 17.000000000000004
-    indices = x.abs().topk(k, sorted=False).indices
-    return x[indices].float(), indices.to(torch.int32)
-
-
-def topk_decompress(values: torch.Tensor, indices: torch.Tensor, numel: int) -> torch.Tensor:
-    """Dense fp32 sum of sparse ``(values, indices)`` rows (one per rank, or a single 1-D pair) of length ``numel``."""
-    out = torch.zeros(numel, dtype=torch.float32, device=values.device)
-    for v, i in zip(values.view(-1, values.shape[-1]), indices.view(-1, indices.shape[-1])):
-        out[i.long()] += v  # indices are unique within a row, rows are added in order: every rank gets the same sum
-    return out
-
-
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"int8:chunk=512"`` -> ``("int8", {"chunk": 512})``, defaults filled in; ValueError naming what is wrong."""
-    if not isinstance(spec, str):
-        raise TypeError(f"spec must be a string such as 'int8' or 'topk:0.01', got {type(spec).__name__}")
-    name, _, rest = spec.strip().lower().partition(":")
-    if name not in _OPTIONS:
-        raise ValueError(f"unknown gradient compression spec {spec!r}; valid specs: {', '.join(SPECS)}")
-    options = dict(_OPTIONS[name])
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key, value = (key.strip(), value.strip()) if eq else ("fraction" if name == "topk" else "", key.strip())
-        if key not in options:
-            valid = ", ".join(options) or "none"
-            raise ValueError(f"unknown option {item!r} in spec {spec!r}; options of {name!r}: {valid}")
-        try:
-            options[key] = type(options[key])(value)
-        except ValueError:
-            kind = "an integer" if isinstance(options[key], int) else "a number"
-            raise ValueError(f"{name} {key} must be {kind}, got {value!r} in spec {spec!r}") from None
-    if name == "topk" and not 0 < options["fraction"] <= 1:
-        raise ValueError(f"topk fraction must be in (0, 1], got {options['fraction']} in spec {spec!r}")
-    for key, low in (("chunk", 1), ("rank", 1), ("start_iter", 2)):
-        if key in options and options[key] < low:
-            raise ValueError(f"{name} {key} must be >= {low}, got {options[key]} in spec {spec!r}")
-    return name, options
 
 
 def _allreduce_bytes(nbytes: int, world: int) -> int:
@@ -174,28 +98,22 @@ class _Cast(_Hook):
         return self.hook(self.group, bucket)
 
 
-class _Int8(_Hook):
-    """Int8 all-reduce as all-to-all + all-gather, so traffic stays ~1/4 of fp32 all-reduce at any world size.
+class _ReduceScatter(_Hook):
+    """All-reduce as all-to-all + all-gather of encoded shards, so traffic stays that of a ring all-reduce of the
+    payload at any world size (int8, 2:4).
 
-    The bucket is split into one shard per rank and quantized per chunk; an all-to-all sends shard ``j`` to rank ``j``,
-    which dequantizes the N copies, averages and re-quantizes them (a reduce-scatter); an all-gather of the averaged
-    shards then gives every rank the same gradient.
-    With error feedback each rank keeps its quantization residual for the bucket, and each shard's owner the residual
-    of re-quantizing the average, both added back the next step.
+    The bucket is split into one shard per rank and encoded; an all-to-all sends shard ``j`` to rank ``j``, which
+    decodes the N copies, averages and re-encodes them (a reduce-scatter); an all-gather of the averaged shards then
+    gives every rank the same gradient.
+    With error feedback each rank keeps its encoding residual for the bucket, and each shard's owner the residual
+    of re-encoding the average, both added back the next step.
     """
 
-    def __init__(self, group: dist.ProcessGroup, stats: CommStats, chunk: int, error_feedback: bool) -> None:
+    def __init__(self, group: dist.ProcessGroup, stats: CommStats, codec: Codec, error_feedback: bool) -> None:
         super().__init__(group, stats)
-        self.chunk, self.error_feedback = chunk, error_feedback
+        self.codec, self.error_feedback = codec, error_feedback
         self.residuals: dict[int, torch.Tensor] = {}
         self.shard_residuals: dict[int, torch.Tensor] = {}
-
-    def pack(self, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        return torch.cat([q.view(torch.uint8), scales.contiguous().view(torch.uint8)], -1)
-
-    def unpack(self, packed: torch.Tensor, length: int) -> torch.Tensor:
-        q, scales = packed[..., :length].view(torch.int8), packed[..., length:].contiguous().view(torch.float32)
-        return dequantize_int8(q, scales, self.chunk)
 
     def __call__(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         buffer, key, world, ef = bucket.buffer(), bucket.index(), self.world, self.error_feedback
@@ -205,39 +123,37 @@ class _Int8(_Hook):
         if ef:
             grad += _residual(self.residuals, key, grad)
         shards = F.pad(grad, (0, shard * world - numel)).view(world, shard)
-        q, scales = quantize_int8(shards, self.chunk)
+        send = self.codec.encode(shards)
         if ef:
-            self.residuals[key] = ((shards - dequantize_int8(q, scales, self.chunk)).flatten()[:numel]
-                                   if self.finite(grad) else torch.zeros_like(grad))
-        send = self.pack(q, scales)
+            error = (shards - self.codec.decode(send, shard)).flatten()[:numel]
+            self.residuals[key] = error if self.finite(grad) else torch.zeros_like(grad)
         received = torch.empty_like(send)
         self.count(bucket, 2 * (world - 1) * send.shape[1])
         # Waited for here, not chained: a collective started from a future's callback could be issued in a different
         # order on each rank (callbacks of several buckets race on gloo's threads) and pair with the wrong peer.
         dist.all_to_all_single(received, send, group=self.group)
-        mean = self.unpack(received, shard).sum(0).div_(world)
+        mean = self.codec.decode(received, shard).sum(0).div_(world)
         if ef:
             mean += _residual(self.shard_residuals, key, mean)
-        q, scales = quantize_int8(mean, self.chunk)
+        mine = self.codec.encode(mean)
         if ef:
             finite = bool(torch.isfinite(mean).all())
-            self.shard_residuals[key] = mean - dequantize_int8(q, scales, self.chunk) if finite else mean.zero_()
-        mine = self.pack(q, scales)
+            self.shard_residuals[key] = mean - self.codec.decode(mine, shard) if finite else mean.zero_()
         gathered = [torch.empty_like(mine) for _ in range(world)]
 
         def decompress(fut: torch.futures.Future) -> torch.Tensor:
-            buffer.copy_(self.unpack(torch.stack(gathered), shard).flatten()[:numel])
+            buffer.copy_(self.codec.decode(torch.stack(gathered), shard).flatten()[:numel])
             return buffer
 
         return dist.all_gather(gathered, mine, group=self.group, async_op=True).get_future().then(decompress)
 
 
-class _TopK(_Hook):
-    """Top-k by magnitude per bucket: all-gather of every rank's (fp32 values, int32 indices), scatter-add, average."""
+class _Gather(_Hook):
+    """All-gather of every rank's encoded bucket (top-k), each decoded, summed in rank order and averaged."""
 
-    def __init__(self, group: dist.ProcessGroup, stats: CommStats, fraction: float, error_feedback: bool) -> None:
+    def __init__(self, group: dist.ProcessGroup, stats: CommStats, codec: Codec, error_feedback: bool) -> None:
         super().__init__(group, stats)
-        self.fraction, self.error_feedback = fraction, error_feedback
+        self.codec, self.error_feedback = codec, error_feedback
         self.residuals: dict[int, torch.Tensor] = {}
 
     def __call__(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -245,20 +161,15 @@ class _TopK(_Hook):
         grad = buffer.to(torch.float32, copy=True)
         if self.error_feedback:
             grad += _residual(self.residuals, key, grad)
-            finite = self.finite(grad)
-        values, indices = topk_compress(grad, self.fraction)
+        mine = self.codec.encode(grad)
         if self.error_feedback:
-            grad[indices.long()] = 0
-            self.residuals[key] = grad if finite else torch.zeros_like(grad)
-        k = values.numel()
-        mine = torch.cat([values.view(torch.int32), indices])
+            finite = self.finite(grad)
+            self.residuals[key] = grad - self.codec.decode(mine, grad.numel()) if finite else torch.zeros_like(grad)
         gathered = [torch.empty_like(mine) for _ in range(world)]
-        self.count(bucket, (world - 1) * mine.numel() * mine.element_size())
+        self.count(bucket, (world - 1) * mine.numel())
 
         def decompress(fut: torch.futures.Future) -> torch.Tensor:
-            rows = torch.stack(gathered)
-            dense = topk_decompress(rows[:, :k].contiguous().view(torch.float32), rows[:, k:], buffer.numel())
-            buffer.copy_(dense.div_(world))
+            buffer.copy_(self.codec.decode(torch.stack(gathered), buffer.numel()).sum(0).div_(world))
             return buffer
 
         return dist.all_gather(gathered, mine, group=self.group, async_op=True).get_future().then(decompress)
@@ -292,21 +203,118 @@ def _hook(state, bucket):  # unannotated: DDP compares annotations with the real
     return state(bucket)
 
 
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """A spec name: its options and their defaults, the hook it builds at world size >= 2, its error-feedback default
+    (None: not supported) and the option a bare value sets (``"topk:0.01"``, ``"2:4:bf16"``)."""
+
+    options: dict[str, Any]
+    build: Callable[[dist.ProcessGroup, CommStats, dict[str, Any], bool], _Hook]
+    error_feedback: bool | None = None
+    positional: str = ""
+
+
+_REGISTRY: dict[str, _Spec] = {
+    "fp16": _Spec({}, lambda g, s, o, ef: _Cast(g, s, torch.float16)),
+    "bf16": _Spec({}, lambda g, s, o, ef: _Cast(g, s, torch.bfloat16)),
+    "int8": _Spec({"chunk": 1024}, lambda g, s, o, ef: _ReduceScatter(g, s, IntCodec(o["chunk"]), ef), False),
+    "topk": _Spec({"fraction": 0.01, "bits": 32},
+                  lambda g, s, o, ef: _Gather(g, s, TopKCodec(o["fraction"], o["bits"]), ef), True, "fraction"),
+    "2:4": _Spec({"dtype": "fp16"},
+                 lambda g, s, o, ef: _ReduceScatter(g, s, TwoFourCodec(_DTYPES[o["dtype"]]), ef), True, "dtype"),
+    "powersgd": _Spec({"rank": 4, "start_iter": 10},
+                      lambda g, s, o, ef: _PowerSGD(g, s, o["rank"], o["start_iter"], ef), True),
+}
+_MINIMUMS = {"chunk": 1, "rank": 1, "start_iter": 2}
+_CHOICES = {"bits": (4, 8, 32), "dtype": tuple(_DTYPES)}
+
+SPECS = tuple(name + (f"[:{','.join(f'{k}={v}' for k, v in entry.options.items())}]" if entry.options else "")
+              for name, entry in _REGISTRY.items())
+"""The spec strings ``compress_gradients`` accepts, defaults shown; options go after a colon, comma-separated."""
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split a gradient compression spec into its name and options, defaults filled in.
+
+    Args:
+        spec: a name of ``SPECS``, optionally followed by ``:`` and comma-separated ``key=value`` options; a bare
+            value sets topk's ``fraction`` or 2:4's ``dtype``: ``"int8:chunk=512"``, ``"topk:0.01,bits=4"``.
+
+    Returns:
+        ``(name, options)``, e.g. ``("int8", {"chunk": 512})``.
+
+    Raises:
+        TypeError: ``spec`` is not a string.
+        ValueError: an unknown name or option, or an option value of the wrong type or out of range (named).
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"spec must be a string such as 'int8' or 'topk:0.01', got {type(spec).__name__}")
+    text = spec.strip().lower()
+    name = next((n for n in _REGISTRY if text == n or text.startswith(n + ":")), None)
+    if name is None:
+        raise ValueError(f"unknown gradient compression spec {spec!r}; valid specs: {', '.join(SPECS)}")
+    entry = _REGISTRY[name]
+    options = dict(entry.options)
+    for item in filter(None, (s.strip() for s in text[len(name) + 1:].split(","))):
+        key, eq, value = item.partition("=")
+        key, value = (key.strip(), value.strip()) if eq else (entry.positional, key.strip())
+        if key not in options:
+            valid = ", ".join(options) or "none"
+            raise ValueError(f"unknown option {item!r} in spec {spec!r}; options of {name!r}: {valid}")
+        try:
+            options[key] = type(options[key])(value)
+        except ValueError:
+            kind = "an integer" if isinstance(options[key], int) else "a number"
+            raise ValueError(f"{name} {key} must be {kind}, got {value!r} in spec {spec!r}") from None
+    if name == "topk" and not 0 < options["fraction"] <= 1:
+        raise ValueError(f"topk fraction must be in (0, 1], got {options['fraction']} in spec {spec!r}")
+    for key, low in _MINIMUMS.items():
+        if key in options and options[key] < low:
+            raise ValueError(f"{name} {key} must be >= {low}, got {options[key]} in spec {spec!r}")
+    for key, allowed in _CHOICES.items():
+        if key in options and options[key] not in allowed:
+            raise ValueError(f"{name} {key} must be one of {', '.join(map(str, allowed))}, got {options[key]!r} "
+                             f"in spec {spec!r}")
+    return name, options
+
+
 def compress_gradients(ddp_model: DistributedDataParallel, spec: str, *, error_feedback: bool | None = None,
                        process_group: dist.ProcessGroup | None = None) -> CommStats:
-    """Register a DDP communication hook that compresses gradient buckets per ``spec``; returns its live ``CommStats``.
+    """Register a DDP communication hook that compresses gradient buckets per ``spec``.
 
-    Specs: ``"fp16"``, ``"bf16"`` (torch's cast hooks), ``"int8"`` / ``"int8:chunk=512"`` (per-chunk symmetric int8),
-    ``"topk:0.01"`` (largest 1% per bucket), ``"powersgd"`` / ``"powersgd:rank=4,start_iter=10"`` (torch's PowerSGD).
-    ``error_feedback`` keeps each bucket's compression residual and adds it back the next step: default on for top-k
-    and PowerSGD, off for int8, unsupported for fp16/bf16. ``process_group`` defaults to the model's own group.
+    Specs: ``"fp16"``, ``"bf16"`` (torch's cast hooks); ``"int8"`` / ``"int8:chunk=512"`` (per-chunk symmetric int8,
+    reduce-scatter + all-gather); ``"topk:0.01"`` (largest 1% per bucket, fp32 values, all-gather) and
+    ``"topk:0.01,bits=4"`` (the values as 4-bit integers, one fp32 scale per 64; ``bits=8`` likewise), both with
+    compact positions (uint16 offsets, or a bitmap when denser); ``"2:4"`` / ``"2:4:bf16"`` (the 2 largest of every
+    4 values in fp16 / bf16 plus 2-bit positions, reduce-scatter + all-gather); ``"powersgd"`` /
+    ``"powersgd:rank=4,start_iter=10"`` (torch's PowerSGD).
     At world size 1 the hook passes buckets through unchanged and counts 0 bytes. Register once per model.
-    A bucket holding inf / NaN arrives with NaN at those entries (int8, top-k; for GradScaler to skip the step), and
-    its error-feedback residual is reset rather than kept (``CommStats.nonfinite_buckets``, one warning).
+    A bucket holding inf / NaN arrives with NaN at those entries (int8, top-k, 2:4; for GradScaler to skip the step),
+    and its error-feedback residual is reset rather than kept (``CommStats.nonfinite_buckets``, one warning).
+
+    Args:
+        ddp_model: the ``DistributedDataParallel`` model whose gradients to compress.
+        spec: what to send; see ``SPECS`` and ``parse_spec``.
+        error_feedback: keep each bucket's compression residual and add it back the next step; default on for top-k,
+            2:4 and PowerSGD, off for int8, unsupported for fp16 / bf16.
+        process_group: defaults to the model's own group.
+
+    Returns:
+        The hook's live ``CommStats`` (bytes sent vs an fp32 all-reduce).
+
+    Raises:
+        TypeError: ``ddp_model`` is not DDP, or ``spec`` is not a string.
+        ValueError: a malformed spec (see ``parse_spec``), or ``error_feedback=True`` for fp16 / bf16.
+        RuntimeError: no initialized process group.
     """
     name, options = parse_spec(spec)
-    if error_feedback and name in ("fp16", "bf16"):
-        raise ValueError(f"error_feedback is not supported for {name!r}; use 'int8', 'topk:F' or 'powersgd'")
+    entry = _REGISTRY[name]
+    if error_feedback and entry.error_feedback is None:
+        supported = ", ".join(repr(n) for n, e in _REGISTRY.items() if e.error_feedback is not None)
+        raise ValueError(f"error_feedback is not supported for {name!r}; use one of {supported}")
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(f"ddp_model: compress_gradients expects a torch.nn.parallel.DistributedDataParallel model, "
                         f"got {type(ddp_model).__name__}")
@@ -315,15 +323,7 @@ def compress_gradients(ddp_model: DistributedDataParallel, spec: str, *, error_f
                            "torch.distributed.init_process_group before wrapping the model in DDP")
     group = process_group if process_group is not None else ddp_model.process_group
     stats = CommStats(spec, dist.get_world_size(group))
-    if stats.world_size == 1:
-        hook = _Hook(group, stats)
-    elif name in ("fp16", "bf16"):
-        hook = _Cast(group, stats, torch.float16 if name == "fp16" else torch.bfloat16)
-    elif name == "int8":
-        hook = _Int8(group, stats, options["chunk"], bool(error_feedback))
-    elif name == "topk":
-        hook = _TopK(group, stats, options["fraction"], error_feedback is not False)
-    else:
-        hook = _PowerSGD(group, stats, options["rank"], options["start_iter"], error_feedback is not False)
+    ef = entry.error_feedback if error_feedback is None else bool(error_feedback)
+    hook = _Hook(group, stats) if stats.world_size == 1 else entry.build(group, stats, options, bool(ef))
     ddp_model.register_comm_hook(hook, _hook)
     return stats

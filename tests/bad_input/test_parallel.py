@@ -29,6 +29,9 @@ SPEC_CASES = [
     ("int8-chunk-zero", "int8:chunk=0"), ("int8-chunk-word", "int8:chunk=big"), ("int8-chunk-float", "int8:chunk=1.5"),
     ("int8-unknown-option", "int8:block=64"), ("powersgd-rank-zero", "powersgd:rank=0"),
     ("powersgd-start_iter-one", "powersgd:start_iter=1"), ("fp16-option", "fp16:scale=2"),
+    ("topk-bits-three", "topk:0.01,bits=3"), ("topk-bits-word", "topk:0.01,bits=four"),
+    ("topk-bits-float", "topk:0.01,bits=4.0"), ("topk-chunk", "topk:0.01,chunk=64"), ("2:4-dtype", "2:4:fp8"),
+    ("2:4-option", "2:4:bits=4"), ("2:8", "2:8"), ("2:4-suffix", "2:4x"),
 ]
 
 CASES = [

@@ -6,14 +6,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dsx.parallel.comm import (
-    CommStats, compress_gradients, dequantize_int8, parse_spec, quantize_int8, topk_compress, topk_decompress,
-)
+from dsx.parallel.codecs import TopKCodec
+from dsx.parallel.comm import CommStats, compress_gradients, parse_spec
 from tests.parallel.dist_utils import run_distributed
 
 EPOCHS, LR, BATCH, SEED = 40, 0.05, 32, 0
 METHODS = {"none": (None, None), "fp16": ("fp16", None), "int8": ("int8", None), "int8+ef": ("int8", True),
-           "topk": ("topk:0.01", None), "powersgd": ("powersgd:rank=4", None)}
+           "topk": ("topk:0.01", None), "powersgd": ("powersgd:rank=4", None),
+           "topk+4bit": ("topk:0.01,bits=4", None), "2:4": ("2:4", None)}
 
 
 def _digits(rank: int, world: int) -> tuple[torch.Tensor, ...]:
@@ -60,7 +60,8 @@ def trained() -> list[dict[str, dict]]:
     return run_distributed(_train_all, timeout=240)
 
 
-@pytest.mark.parametrize("method, min_ratio", [("int8", 3.9), ("int8+ef", 3.9), ("topk", 20)])
+@pytest.mark.parametrize("method, min_ratio", [("int8", 3.9), ("int8+ef", 3.9), ("topk", 20), ("topk+4bit", 100),
+                                               ("2:4", 3.5)])
 def test_compressed_ddp_matches_uncompressed_accuracy_with_less_traffic(trained, method, min_ratio):
     base, run = trained[0]["none"], trained[0][method]
     assert base["accuracy"] > 0.96
@@ -89,7 +90,7 @@ def _one_step(rank: int, world: int) -> dict[str, tuple[list[float], list[float]
     Gradients come back as lists: a returned tensor is passed by file descriptor, which can fail once its rank exits.
     """
     out = {}
-    for spec in ("int8", "int8:chunk=7", "topk:1", "topk:0.1"):
+    for spec in ("int8", "int8:chunk=7", "topk:1", "topk:0.1", "topk:1,bits=4", "2:4", "2:4:bf16"):
         torch.manual_seed(0)
         model = DDP(nn.Linear(33, 5))  # 170 parameters: not a multiple of the world size nor of the chunk
         stats = compress_gradients(model, spec)
@@ -112,7 +113,7 @@ def _many_buckets(rank: int, world: int) -> dict[str, tuple[list[float], CommSta
     """
     out = {}
     for spec, error_feedback in (("fp16", None), ("bf16", None), ("int8:chunk=64", True), ("topk:0.05", None),
-                                 ("powersgd:rank=2,start_iter=2", None)):
+                                 ("powersgd:rank=2,start_iter=2", None), ("topk:0.05,bits=4", None), ("2:4", None)):
         torch.manual_seed(0)
         model = DDP(nn.Sequential(*(nn.Linear(32, 32) for _ in range(6))), bucket_cap_mb=0.004)
         stats = compress_gradients(model, spec, error_feedback=error_feedback)
@@ -142,7 +143,15 @@ def test_hooks_average_gradients_on_three_ranks_and_keep_them_in_sync_over_many_
             assert torch.allclose(hooked, exact, atol=2 * exact.abs().max().item() / 127), spec
         elif spec == "topk:1":
             assert torch.allclose(hooked, exact, atol=1e-5)
-            assert stats.ratio == pytest.approx((2 * 2 * 4 * 170 // 3) / (2 * 8 * 170))  # all-gather of N-1 ranks
+            sent = 2 * TopKCodec(1.0).size(170)  # all-gather of N-1 ranks: 680 B of values, a 22 B bitmap
+            assert stats.ratio == pytest.approx((2 * 2 * 4 * 170 // 3) / sent) and sent == 2 * (680 + 22)
+        elif spec == "topk:1,bits=4":  # every value at 4 bits: within half a step of each rank's chunk scale
+            assert torch.allclose(hooked, exact, atol=exact.abs().max().item() / 7 * 1.5), spec
+        elif spec.startswith("2:4"):  # 2:4 of each rank's shard, 2:4 of their mean: at most 2 of 4 per shard group
+            shards = torch.nn.functional.pad(hooked, (0, 3 * 57 - 170)).view(3, 57)
+            groups = torch.nn.functional.pad(shards, (0, 3)).view(3, 15, 4)
+            assert ((groups != 0).sum(-1) <= 2).all() and (hooked - exact).norm() < exact.norm(), spec
+            assert stats.ratio == pytest.approx((2 * 2 * 4 * 170 // 3) / (2 * 2 * (15 * 2 * 2 + 8)))
         else:  # each rank sends its 17 largest of 170: the result has at most 51 non-zeros
             assert 17 <= int((hooked != 0).sum()) <= 51
     many = [r[1] for r in results]
@@ -152,53 +161,28 @@ def test_hooks_average_gradients_on_three_ranks_and_keep_them_in_sync_over_many_
 
 
 def _single_process(rank: int, world: int) -> dict:
-    torch.manual_seed(0)
-    model = DDP(nn.Linear(4, 3))
-    stats = compress_gradients(model, "topk:0.01")
-    model(torch.ones(2, 4)).sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.module.zero_grad()
-    model.module(torch.ones(2, 4)).sum().backward()
-    unchanged = all(torch.equal(g, p.grad) for g, p in zip(grads, model.module.parameters()))
+    out = {}
+    for spec in ("topk:0.01", "topk:0.01,bits=4", "2:4"):
+        torch.manual_seed(0)
+        model = DDP(nn.Linear(4, 3))
+        stats = compress_gradients(model, spec)
+        model(torch.ones(2, 4)).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.module.zero_grad()
+        model.module(torch.ones(2, 4)).sum().backward()
+        out[spec] = (stats, all(torch.equal(g, p.grad) for g, p in zip(grads, model.module.parameters())))
     dist.destroy_process_group()
     with pytest.raises(RuntimeError, match="initialized process group") as e:
         compress_gradients(DDP.__new__(DDP), "int8")
-    return {"stats": stats, "unchanged": unchanged, "error": str(e.value)}
+    return {"specs": out, "error": str(e.value)}
 
 
 def test_world_size_one_passes_buckets_through_and_no_group_is_a_clear_error():
     result = run_distributed(_single_process, world=1)[0]
-    assert result["unchanged"]
-    assert (result["stats"].bytes_sent, result["stats"].bytes_uncompressed, result["stats"].steps) == (0, 0, 1)
-    assert result["stats"].ratio == 1.0
+    for spec, (stats, unchanged) in result["specs"].items():
+        assert unchanged, spec
+        assert (stats.bytes_sent, stats.bytes_uncompressed, stats.steps, stats.ratio) == (0, 0, 1, 1.0), spec
     assert "init_process_group" in result["error"]
-
-
-def test_int8_roundtrip_is_within_half_a_step_per_chunk():
-    x = torch.randn(3, 2500) * torch.logspace(-3, 1, 2500)
-    x[1, :512] = 0
-    q, scales = quantize_int8(x, 512)
-    assert q.dtype == torch.int8 and q.shape == x.shape and scales.shape == (3, 5)
-    assert q.abs().max() == 127 and torch.equal(scales[1, 0], torch.tensor(0.0))
-    step = scales.repeat_interleave(512, -1)[:, :2500]
-    assert ((dequantize_int8(q, scales, 512) - x).abs() <= step / 2 + 1e-7).all()
-    assert torch.equal(dequantize_int8(q, scales, 512)[1, :512], torch.zeros(512))
-    flat_q, flat_scales = quantize_int8(x[0], 1024)
-    assert flat_scales.shape == (3,) and torch.equal(flat_scales[2], x[0, 2048:].abs().max() / 127)
-
-
-def test_int8_sends_non_finite_entries_as_nan_without_spoiling_their_chunk():
-    x = torch.randn(2, 64)
-    bad = x.clone()
-    bad[0, 3], bad[1, 10], bad[1, 11] = float("inf"), float("nan"), float("-inf")
-    q, scales = quantize_int8(bad, 32)
-    assert torch.equal(scales, quantize_int8(x.masked_fill(~torch.isfinite(bad), 0), 32)[1])
-    out = dequantize_int8(q, scales, 32)
-    assert torch.isnan(out[~torch.isfinite(bad)]).all() and torch.isfinite(out[torch.isfinite(bad)]).all()
-    good = dequantize_int8(*quantize_int8(x, 32), 32)
-    same_scale = (scales == quantize_int8(x, 32)[1]).repeat_interleave(32, -1)
-    finite = torch.isfinite(bad) & same_scale
-    assert torch.equal(out[finite], good[finite])
 
 
 def _inf_at_step_one(rank: int, world: int) -> dict[str, tuple[int, int, bool, int]]:
@@ -208,7 +192,7 @@ def _inf_at_step_one(rank: int, world: int) -> dict[str, tuple[int, int, bool, i
     import warnings
 
     out = {}
-    for spec in ("int8:chunk=64", "topk:0.05"):
+    for spec in ("int8:chunk=64", "topk:0.05", "topk:0.05,bits=4", "2:4"):
         torch.manual_seed(0)
         model = DDP(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)))
         with warnings.catch_warnings(record=True) as caught:
@@ -244,22 +228,14 @@ def test_error_feedback_recovers_from_one_inf_gradient():
             assert counted >= (1 if rank == 0 else 0) and warned <= 1, spec
 
 
-def test_topk_keeps_the_largest_magnitudes_and_decompress_sums_ranks():
-    x = torch.tensor([0.1, -5.0, 0.3, 2.0, -0.2, 0.0, 4.0, 0.05, -1.0, 0.4])
-    values, indices = topk_compress(x, 0.3)
-    assert indices.dtype == torch.int32 and sorted(indices.tolist()) == [1, 3, 6]
-    assert torch.equal(values, x[indices.long()])
-    dense = topk_decompress(values, indices, 10)
-    assert torch.equal(dense, torch.where(x.abs() >= 2, x, torch.zeros(())))
-    two = topk_decompress(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[0, 2], [2, 5]]), 6)
-    assert two.tolist() == [1.0, 0.0, 5.0, 0.0, 0.0, 4.0]
-    assert topk_compress(x, 1e-6)[0].numel() == 1 and topk_compress(x, 1.0)[0].numel() == 10
-
-
 def test_specs_parse_with_defaults_and_options():
     assert parse_spec("int8") == ("int8", {"chunk": 1024})
     assert parse_spec("int8:chunk=512") == ("int8", {"chunk": 512})
-    assert parse_spec("topk:0.01") == ("topk", {"fraction": 0.01})
+    assert parse_spec("topk:0.01") == ("topk", {"fraction": 0.01, "bits": 32})
+    assert parse_spec("TopK:0.01, bits=4") == ("topk", {"fraction": 0.01, "bits": 4})
+    assert parse_spec("topk:bits=8") == ("topk", {"fraction": 0.01, "bits": 8})
+    assert parse_spec("2:4") == ("2:4", {"dtype": "fp16"})
+    assert parse_spec("2:4:bf16") == parse_spec("2:4:dtype=bf16") == ("2:4", {"dtype": "bf16"})
     assert parse_spec("powersgd:rank=2, start_iter=5") == ("powersgd", {"rank": 2, "start_iter": 5})
     assert parse_spec("fp16") == ("fp16", {})
 
@@ -275,6 +251,15 @@ def test_specs_parse_with_defaults_and_options():
     ("int8:bits=4", r"unknown option 'bits=4'.*options of 'int8': chunk"),
     ("fp16:2", r"unknown option '2'.*options of 'fp16': none"),
     ("powersgd:start_iter=1", r"powersgd start_iter must be >= 2"),
+    ("topk:0.01,bits=3", r"topk bits must be one of 4, 8, 32, got 3 in spec"),
+    ("topk:0.01,bits=16", r"topk bits must be one of 4, 8, 32, got 16"),
+    ("topk:0.01,bits=four", r"topk bits must be an integer, got 'four'"),
+    ("topk:0.01,chunk=64", r"unknown option 'chunk=64'.*options of 'topk': fraction, bits"),
+    ("topk:0.01;bits=4", r"unknown option '0.01;bits=4'.*options of 'topk': fraction, bits"),
+    ("2:4:fp8", r"2:4 dtype must be one of fp16, bf16, got 'fp8'"),
+    ("2:4:bits=4", r"unknown option 'bits=4'.*options of '2:4': dtype"),
+    ("2:8", r"unknown gradient compression spec '2:8'; valid specs: .*2:4\[:dtype=fp16\]"),
+    ("2:4x", r"unknown gradient compression spec '2:4x'"),
 ])
 def test_bad_specs_are_clear_value_errors(spec, message):
     with pytest.raises(ValueError, match=message):
