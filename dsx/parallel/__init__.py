@@ -2,7 +2,7 @@
 FSDP2 / DDP support for QAT and masked models, distributed calibration and resumable DCP checkpoints."""
 
 from dsx.parallel.calibration import all_reduce_scalar, distributed_active, sync_observers
-from dsx.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsx.parallel.checkpoint import AsyncCheckpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from dsx.parallel.comm import SPECS, CommStats, compress_gradients
 from dsx.parallel.sharding import check_qat_scales, full_state_dict, prepare_for_ddp, shard
 from dsx.parallel.tensor_parallel import (
@@ -10,7 +10,7 @@ from dsx.parallel.tensor_parallel import (
 )
 
 __all__ = [
-    "SPECS", "STYLES", "ColwiseQuantLinear", "CommStats", "RowwiseQuantLinear", "ShardedQuantLinear",
+    "AsyncCheckpoint", "SPECS", "STYLES", "ColwiseQuantLinear", "CommStats", "RowwiseQuantLinear", "ShardedQuantLinear",
     "all_reduce_scalar", "check_qat_scales", "compress_gradients", "default_plan", "distributed_active",
     "full_state_dict", "latest_checkpoint", "load_checkpoint", "prepare_for_ddp", "save_checkpoint", "shard",
     "sync_observers", "tensor_parallel",

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,11 +65,13 @@ def _everywhere(error: str | None, group: Any) -> None:
             raise ValueError(message if len(errors) == 1 else f"rank {rank}: {message}")
 
 
-def _dcp(fn: Callable[..., Any], state: dict[str, Any], ckpt: Path, group: Any, **kwargs: Any) -> None:
-    """``dcp.save`` / ``dcp.load`` across the group's ranks, or in this process alone (without DCP's warning)."""
+def _dcp(fn: Callable[..., Any], state: dict[str, Any], ckpt: Path, group: Any, **kwargs: Any) -> Any:
+    """``dcp.save`` / ``async_save`` / ``load`` across the group's ranks, or in this process alone (without DCP's
+    warning); what it returns."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        fn(state, checkpoint_id=ckpt, process_group=group, no_dist=not distributed_active(None, group), **kwargs)
+        return fn(state, checkpoint_id=ckpt, process_group=group, no_dist=not distributed_active(None, group),
+                  **kwargs)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -93,8 +96,58 @@ def _prepare(path: Path, tmp: Path) -> None:
         shutil.rmtree(tmp)
 
 
+class AsyncCheckpoint:
+    """A checkpoint being written in the background by ``save_checkpoint(..., asynchronous=True)``: ``wait()`` (on
+    every rank, like the save) blocks until every rank's shard is written, commits ``step_<N>`` on rank 0, and
+    returns that directory on every rank; a failed write raises there, and nothing is committed."""
+
+    def __init__(self, final: Path, written: Future, commit: Callable[[], Path], group: Any) -> None:
+        self.path = final
+        self._written, self._commit, self._group = written, commit, group
+        self._result: Path | None = None
+
+    def done(self) -> bool:
+        """Whether this rank's part is written (``wait()`` still commits it)."""
+        return self._written.done()
+
+    def wait(self) -> Path:
+        """Finish the checkpoint (see the class); calling it again returns the same directory.
+
+        Raises:
+            Exception: what the background write raised on any rank (the directory stays ``.tmp``).
+        """
+        if self._result is None:
+            error = None
+            try:
+                self._written.result()
+            except Exception as e:  # every rank learns of it below, so none waits for a commit that never comes
+                error = f"the asynchronous checkpoint write failed: {type(e).__name__}: {e}"
+            _everywhere(error, self._group)
+            self._result = _on_rank0(self._commit, self._group)
+            _PENDING.pop(self.path, None)
+        return self._result
+
+
+_PENDING: dict[Path, AsyncCheckpoint] = {}
+"""Unfinished asynchronous saves by step directory: the next save into the same root finishes them first."""
+
+_ASYNC_GROUPS: dict[Any, Any] = {}
+"""A gloo group per process group for asynchronous saves: their collectives run on a background thread, which must
+not share a group with the training loop's collectives."""
+
+
+def _async_group(group: Any) -> Any:
+    if not distributed_active(None, group):
+        return group
+    if group not in _ASYNC_GROUPS:
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        _ASYNC_GROUPS[group] = dist.new_group(ranks=ranks, backend="gloo")
+    return _ASYNC_GROUPS[group]
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                    step: int, extra: dict[str, Any] | None = None, process_group: Any = None) -> Path:
+                    step: int, extra: dict[str, Any] | None = None, process_group: Any = None,
+                    asynchronous: bool = False) -> Path | AsyncCheckpoint:
     """Save ``model`` (and ``optimizer``) at training step ``step`` as ``path/step_<step>``; returns that directory.
 
     Every rank of ``process_group`` (default group) calls it when ``torch.distributed`` is initialized; without a
@@ -104,8 +157,16 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     ``step_<step>`` exists only when complete. ``extra`` is a JSON-able dict (an epoch, a scheduler's state) taken
     from rank 0. An optimizer that has not stepped yet has no state: it is not saved, and ``load_checkpoint``
     leaves the optimizer it is given as it is.
+
+    ``asynchronous=True`` copies the state to CPU memory, writes it from a background thread through
+    ``torch.distributed.checkpoint.async_save`` (on a gloo group of its own) and returns an ``AsyncCheckpoint``
+    at once, so training continues while the files are written; its ``wait()`` commits ``step_<step>``. The next
+    save into ``path`` waits for an unfinished one first. Until committed the directory stays ``.tmp``, so a job
+    killed during the write resumes from the previous checkpoint.
     """
     step = _check_step(step)
+    if not isinstance(asynchronous, bool):
+        raise TypeError(f"asynchronous: expected True or False, got {asynchronous!r}")
     if extra is not None and not isinstance(extra, dict):
         raise TypeError(f"extra: expected a JSON-able dict or None, got {type(extra).__name__}")
     if not isinstance(model, nn.Module):
@@ -120,12 +181,19 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         raise TypeError(f"extra: expected a JSON-able dict: {e}") from e
     path = check_path("path", path, directory=True)
     tmp, final = path / f"step_{step}.tmp", path / f"step_{step}"
+    for pending in [c for c in _PENDING.values() if c.path.parent == path]:
+        pending.wait()
     _on_rank0(lambda: _prepare(path, tmp), process_group)
     if meta["optimizer"]:
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
     else:
         state = {"model": get_model_state_dict(model)}
+    if asynchronous:
+        written = _dcp(dcp.async_save, state, tmp, _async_group(process_group))
+        written = getattr(written, "upload_completion", written)  # torch's AsyncSaveResponse with async staging
+        _PENDING[final] = AsyncCheckpoint(final, written, lambda: _commit(tmp, final, meta), process_group)
+        return _PENDING[final]
     _dcp(dcp.save, state, tmp, process_group)
     return _on_rank0(lambda: _commit(tmp, final, meta), process_group)  # every rank returns once committed
 

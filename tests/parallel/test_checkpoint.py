@@ -165,20 +165,27 @@ def _die_before_commit(*args):
     os._exit(1)
 
 
-def _train(rank, world, root, crash_at=None):
+def _train(rank, world, root, crash_at=None, asynchronous=False):
     """DDP-train the masked QAT classifier to ``STEPS``, checkpointing every ``EVERY`` steps and resuming from the
-    newest checkpoint in ``root``; with ``crash_at``, rank 0 is killed while committing that step's checkpoint."""
+    newest checkpoint in ``root``; with ``crash_at``, rank 0 is killed while committing that step's checkpoint (an
+    asynchronous one: while it is being written, training going on)."""
     torch.use_deterministic_algorithms(True)
     model = _masked_qat(rank)
     ddp = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2)
     start = load_checkpoint(root, ddp, optimizer)["step"] if latest_checkpoint(root) else 0
+    pending = None
     for step in range(start, STEPS):
         _step(ddp, optimizer, step, rank)
         if (step + 1) % EVERY == 0:
-            if step + 1 == crash_at and rank == 0:
+            if step + 1 == crash_at and rank == 0 and not asynchronous:
                 checkpoint._commit = _die_before_commit
-            save_checkpoint(root, ddp, optimizer, step=step + 1, extra={"resumed_from": start})
+            pending = save_checkpoint(root, ddp, optimizer, step=step + 1, extra={"resumed_from": start},
+                                      asynchronous=asynchronous)
+            if step + 1 == crash_at and rank == 0 and asynchronous:
+                os._exit(1)  # killed while the checkpoint is written in the background
+    if asynchronous:
+        assert pending.wait() == root / f"step_{STEPS}"
     return {"start": start, "model": model.state_dict(), "optimizer": _optimizer_state(optimizer)}
 
 
@@ -311,3 +318,45 @@ def test_a_crafted_non_tensor_entry_is_refused_and_runs_nothing(tmp_path):
         torch.distributed.checkpoint.load({"optim": {"param_groups": [{"lr": 0.0}]}}, checkpoint_id=ckpt,
                                           planner=SafeLoadPlanner(), no_dist=True)
     assert not marker.exists()
+
+
+def test_an_asynchronous_save_holds_the_state_at_save_time_and_commits_on_wait(tmp_path):
+    model = _mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _step(model, optimizer, 0)
+    at_save = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = save_checkpoint(tmp_path, model, optimizer, step=1, asynchronous=True)
+    assert isinstance(handle, dsx.parallel.AsyncCheckpoint) and handle.path == tmp_path / "step_1"
+    _step(model, optimizer, 1)  # training goes on while the checkpoint is written
+    assert latest_checkpoint(tmp_path) is None  # committed by wait(), not before
+    assert handle.wait() == tmp_path / "step_1" and handle.wait() == tmp_path / "step_1" and handle.done()
+    fresh = _mlp(width=32)
+    load_checkpoint(tmp_path, fresh)
+    _assert_same(fresh.state_dict(), at_save)
+
+    save_checkpoint(tmp_path, model, optimizer, step=2, asynchronous=True)
+    save_checkpoint(tmp_path, model, optimizer, step=3)  # finishes the pending save first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1", "step_2", "step_3"]
+    with pytest.raises(TypeError, match="asynchronous"):
+        save_checkpoint(tmp_path, model, step=4, asynchronous="yes")
+
+
+def _resume_async(rank, world, root, reference):
+    out = {"resumed": _train(rank, world, root, asynchronous=True),
+           "reference": _train(rank, world, reference, asynchronous=True)}
+    buffer = io.BytesIO()
+    torch.save(out, buffer)
+    return buffer.getvalue()
+
+
+def test_a_ddp_job_killed_during_an_asynchronous_save_resumes_bit_exactly(tmp_path):
+    root, reference = tmp_path / "run", tmp_path / "reference"
+    with pytest.raises(RuntimeError, match="failed"):
+        run_distributed(_train, root, CRASH_AT, True)
+    assert latest_checkpoint(root) == root / f"step_{EVERY}"
+    ranks = [torch.load(io.BytesIO(raw)) for raw in run_distributed(_resume_async, root, reference)]
+    for out in ranks:
+        assert out["resumed"]["start"] == EVERY and out["reference"]["start"] == 0
+        _assert_same(out["resumed"]["model"], out["reference"]["model"])
+        _assert_same(out["resumed"]["optimizer"], out["reference"]["optimizer"])
+    assert sorted(p.name for p in root.iterdir()) == ["step_3", "step_6", "step_9"]
