@@ -1,13 +1,14 @@
 """Distributed dsx on torch.distributed: compressed-gradient DDP hooks, tensor parallelism for quantized linears,
 FSDP2 / DDP support for QAT and masked models, distributed calibration and resumable DCP checkpoints."""
 
-from dsx.parallel.calibration import all_reduce_scalar, distributed_active, sync_observers
+from dsx.core.dist import all_reduce_scalar, distributed_active
 from dsx.parallel.checkpoint import AsyncCheckpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from dsx.parallel.comm import SPECS, CommStats, compress_gradients
 from dsx.parallel.sharding import check_qat_scales, full_state_dict, prepare_for_ddp, shard
 from dsx.parallel.tensor_parallel import (
     STYLES, ColwiseQuantLinear, RowwiseQuantLinear, ShardedQuantLinear, default_plan, tensor_parallel,
 )
+from dsx.quant.sync import sync_observers
 
 __all__ = [
     "AsyncCheckpoint", "SPECS", "STYLES", "ColwiseQuantLinear", "CommStats", "RowwiseQuantLinear", "ShardedQuantLinear",

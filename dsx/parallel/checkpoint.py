@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 from dsx.core.atomic import commit, write_bytes
 from dsx.core.checks import check_path
 from dsx.core.transform import history
-from dsx.parallel.calibration import distributed_active
+from dsx.core.dist import distributed_active
 from dsx.parallel.safe_dcp import SafeLoadPlanner, SafeReader, check_entries
 
 META = "dsx_checkpoint.json"

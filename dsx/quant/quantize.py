@@ -14,6 +14,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from dsx.core.checks import check_flag, check_names, matches
+from dsx.core.dist import all_reduce_scalar, distributed_active
 from dsx.core.inputs import MAX_BATCHES, Inputs, model_device, normalize_inputs, run_model
 from dsx.core.transform import METRICS, Transform, compare_outputs, eval_mode
 from dsx.quant.calibrate import Observers, check_batches, observe_inputs
@@ -24,6 +25,7 @@ from dsx.quant.linear import QuantLinear, is_linear, linear_weight
 from dsx.quant.observers import ChannelAbsMax, make_observer
 from dsx.quant.qat import QATLinear
 from dsx.quant.smoothquant import smoothing_scales
+from dsx.quant.sync import sync_observers
 
 BNB_CLASSES = ("Linear4bit", "Linear8bitLt")
 
@@ -76,7 +78,7 @@ class Quantize(Transform):
     Distributed (``distributed=None``: automatic when ``torch.distributed`` is initialized with more than one rank
     in ``process_group``, the default group when None; ``False`` opts out): every rank passes its own
     ``calibration`` batches (possibly none); observer statistics are all-reduced
-    (``dsx.parallel.calibration.sync_observers``) and so is the budget's error (MAX: it is a max over batches), so
+    (``dsx.quant.sync.sync_observers``) and so is the budget's error (MAX: it is a max over batches), so
     every rank builds the model that one process calibrating on the union of the batches builds, bit for bit.
     Every rank calls it with the same model and settings; the batches of all ranks together must not be empty.
     """
@@ -185,7 +187,6 @@ class Quantize(Transform):
             stats = {n: Observers(make_observer(observer, **kwargs), ChannelAbsMax() if channel_absmax else None)
                      for n in modules}
         if self._sync:
-            from dsx.parallel.calibration import sync_observers
 
             sync_observers(stats, self.process_group)
         return stats
@@ -247,7 +248,6 @@ class Quantize(Transform):
                 for n in names:
                     set_module(model, n, originals[n])
             if self._sync:  # the error over the union of the batches is the max of the ranks' errors
-                from dsx.parallel.calibration import all_reduce_scalar
 
                 worst = all_reduce_scalar(worst, "max", self.process_group)
             return worst
@@ -278,7 +278,6 @@ class Quantize(Transform):
         if spec.compute_dtype is not None and compute_dtype(model) is not None:
             raise ValueError(f"dtype: the model already computes in {compute_dtype(model)}; quantize the original "
                              "model instead")
-        from dsx.parallel.calibration import all_reduce_scalar, distributed_active  # dsx.parallel imports dsx.quant
 
         self._sync = distributed_active(self.distributed, self.process_group)
         chosen, skipped = self.select(model)

@@ -6,7 +6,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import dsx
-from dsx.parallel.calibration import all_reduce_scalar, distributed_active, sync_observers
+from dsx.core.dist import all_reduce_scalar, distributed_active
+from dsx.quant.sync import sync_observers
 from dsx.quant import Int8Static
 from dsx.quant.observers import OBSERVERS, ChannelAbsMax, make_observer
 from tests.parallel.dist_utils import run_distributed

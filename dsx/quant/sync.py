@@ -12,46 +12,11 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from dsx.core.dist import collective_device
 from dsx.quant.calibrate import Observers
 from dsx.quant.observers import ChannelAbsMax, HistogramObserver, MinMaxObserver, Observer
 
 M = TypeVar("M", bound=Mapping[str, Any])
-
-
-def distributed_active(distributed: bool | None, group: Any = None) -> bool:
-    """Whether to sync across ranks: ``distributed=True`` (needs an initialized process group), or ``None`` (auto)
-    with an initialized group of more than one rank; ``False`` never syncs."""
-    if distributed is not None and not isinstance(distributed, bool):
-        raise TypeError(f"distributed: expected True, False or None (auto), got {distributed!r}")
-    if distributed is False:
-        return False
-    initialized = dist.is_available() and dist.is_initialized()
-    if distributed and not initialized:
-        raise ValueError("distributed: True needs an initialized torch.distributed process group; call "
-                         "torch.distributed.init_process_group first (or pass distributed=None for auto)")
-    return initialized and (bool(distributed) or dist.get_world_size(group) > 1)
-
-
-def _device(group: Any) -> torch.device:
-    """Where the group's collectives take tensors: the current CUDA device for NCCL, else the CPU."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_reduce_scalar(value: float, op: str = "sum", group: Any = None) -> float:
-    """``value`` reduced over the ranks of ``group`` (default group) with ``op`` (``"sum"`` or ``"max"``), in float64.
-
-    Returns ``value`` itself when no process group is initialized.
-    """
-    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
-    if op not in ops:
-        raise ValueError(f"op: expected one of {sorted(ops)}, got {op!r}")
-    if not (dist.is_available() and dist.is_initialized()):
-        return float(value)
-    t = torch.tensor(float(value), dtype=torch.float64, device=_device(group))
-    dist.all_reduce(t, op=ops[op], group=group)
-    return float(t.item())
 
 
 def _members(observers: Mapping[str, Any]) -> list[tuple[str, Observer | ChannelAbsMax]]:
@@ -122,7 +87,7 @@ def sync_observers(observers: M, group: Any = None) -> M:
             raise ValueError(f"sync_observers: rank {rank} has different observers from rank {dist.get_rank(group)}: "
                              f"only there {sorted(theirs - mine)}, only here {sorted(mine - theirs)}")
     channels = _channels(members, [info for _, info in gathered])
-    device = _device(group)
+    device = collective_device(group)
 
     maxima = []
     for key, obs in members:
