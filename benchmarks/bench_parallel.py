@@ -1,5 +1,6 @@
 """Compressed DDP gradients: accuracy, traffic and step time of dsx.parallel.comm hooks on 2 gloo CPU processes.
-Trains a 64-128-10 MLP on scikit-learn digits per method (each rank on its half). Run: bench_parallel.py [--small]
+Trains a 64-128-10 MLP on scikit-learn digits per method and seed (each rank on its half). Run: bench_parallel.py
+[--small] [--seeds 4]
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ METHODS: dict[str, tuple[str | None, bool | None]] = {
     "int8 + error feedback": ("int8", True),
     "topk:0.01 (error feedback)": ("topk:0.01", None),
     "powersgd:rank=4": ("powersgd:rank=4", None),
+    "topk:0.01,bits=4 (error feedback)": ("topk:0.01,bits=4", None),
+    "2:4 fp16 (error feedback)": ("2:4", None),
 }
 BATCH, LR = 32, 0.05
 
@@ -51,16 +54,17 @@ def digits(rank: int, world: int) -> tuple[torch.Tensor, ...]:
     return f(x_train[rank:n:world]), i(y_train[rank:n:world]), f(x_test), i(y_test)
 
 
-def train(rank: int, world: int, spec: str | None, error_feedback: bool | None, epochs: int, bar: Any) -> list[Any]:
-    """One row: test accuracy, gradient MB sent by this rank, ratio to fp32 all-reduce, mean step ms."""
-    torch.manual_seed(0)
+def train(rank: int, world: int, spec: str | None, error_feedback: bool | None, epochs: int, seed: int,
+          bar: Any) -> tuple[float, int, float, float]:
+    """One run: test accuracy, gradient bytes sent by this rank, ratio to fp32 all-reduce, mean step seconds."""
+    torch.manual_seed(seed)
     x, y, x_test, y_test = digits(rank, world)
     model = DistributedDataParallel(nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)))
     stats = compress_gradients(model, spec, error_feedback=error_feedback) if spec else None
     steps = epochs * math.ceil(len(x) / BATCH)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
-    order = torch.Generator().manual_seed(1)
+    order = torch.Generator().manual_seed(seed + 1)
     step_s = 0.0
     for _ in range(epochs):
         for batch in torch.randperm(len(x), generator=order).split(BATCH):
@@ -75,12 +79,30 @@ def train(rank: int, world: int, spec: str | None, error_feedback: bool | None, 
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
     numel = sum(p.numel() for p in model.parameters())
     fp32_bytes = 2 * (world - 1) * 4 * numel // world * steps  # ring all-reduce, as CommStats counts it
-    sent = stats.bytes_sent if stats else fp32_bytes
-    ratio = f"{stats.ratio:.2f}x" if stats else "1.00x"
-    return [f"{accuracy:.2%}", f"{sent / 1e6:.3f}", ratio, step_s / steps * 1e3]
+    return accuracy, stats.bytes_sent if stats else fp32_bytes, stats.ratio if stats else 1.0, step_s / steps
 
 
-def worker(rank: int, world: int, port: int, epochs: int, progress: bool, out: str) -> None:
+def points(x: float) -> str:
+    """Percentage points with a sign, never "-0.00"."""
+    return f"{round(x, 2) + 0.0:+.2f}"
+
+
+def rows(runs: dict[str, list[tuple[float, int, float, float]]]) -> list[list[Any]]:
+    """One table row per method from its runs (one per seed): mean accuracy, its mean and worst-seed difference to
+    the first method's accuracy on the same seed, MB sent, ratio, mean step ms."""
+    base = [run[0] for run in next(iter(runs.values()))]
+    table = []
+    for name, seeds in runs.items():
+        accuracy = [run[0] for run in seeds]
+        gaps = [(a - b) * 100 for a, b in zip(accuracy, base)]
+        step_ms = sum(run[3] for run in seeds) / len(seeds) * 1e3
+        gap = f"{points(sum(gaps) / len(gaps))} / {points(min(gaps))}"
+        mean = sum(accuracy) / len(accuracy)
+        table.append([name, f"{mean:.2%}", gap, f"{seeds[0][1] / 1e6:.3f}", f"{seeds[0][2]:.2f}x", step_ms])
+    return table
+
+
+def worker(rank: int, world: int, port: int, epochs: int, seeds: int, progress: bool, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
@@ -88,13 +110,14 @@ def worker(rank: int, world: int, port: int, epochs: int, progress: bool, out: s
 
     tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock, which os._exit below would leak
     try:
-        with tqdm(total=len(METHODS) * epochs, desc="bench_parallel", disable=bool(rank) or not progress) as bar:
-            rows = []
+        total = len(METHODS) * seeds * epochs
+        with tqdm(total=total, desc="bench_parallel", disable=bool(rank) or not progress) as bar:
+            runs = {}
             for name, (spec, error_feedback) in METHODS.items():
                 bar.set_postfix_str(name)
-                rows.append([name, *train(rank, world, spec, error_feedback, epochs, bar)])
+                runs[name] = [train(rank, world, spec, error_feedback, epochs, seed, bar) for seed in range(seeds)]
         if rank == 0:
-            Path(out).write_text(json.dumps(rows))
+            Path(out).write_text(json.dumps(rows(runs)))
     finally:
         dist.destroy_process_group()
     sys.stdout.flush()
@@ -113,25 +136,29 @@ def free_port() -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--small", action="store_true", help="2 epochs (the test suite's smoke run)")
+    p.add_argument("--small", action="store_true", help="2 epochs, 1 seed (the test suite's smoke run)")
     p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--seeds", type=int, default=4, help="runs per method (initialization and batch order)")
     p.add_argument("--world", type=int, default=2, help="gloo processes")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args()
-    epochs = 2 if a.small else a.epochs
+    if a.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {a.seeds}")
+    epochs, seeds = (2, 1) if a.small else (a.epochs, a.seeds)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        mp.spawn(worker, args=(a.world, free_port(), epochs, not a.no_progress, str(out)), nprocs=a.world)
-        rows = json.loads(out.read_text())
+        mp.spawn(worker, args=(a.world, free_port(), epochs, seeds, not a.no_progress, str(out)), nprocs=a.world)
+        table = json.loads(out.read_text())
     print(f"device: cpu ({cpu_name()}, {os.cpu_count()} cores)  torch {torch.__version__}  gloo, {a.world} processes "
-          f"x 1 thread  date {datetime.date.today()}  epochs {epochs}")
+          f"x 1 thread  date {datetime.date.today()}  epochs {epochs}  seeds {seeds}")
     print(f"\ndigits MLP 64-128-10 (9610 parameters, one DDP bucket), batch {BATCH} per rank, SGD momentum 0.9, "
           f"lr {LR} decaying linearly to 0")
-    print(text_table(["method", "test accuracy", "gradient MB sent per rank", "vs fp32 all-reduce", "mean step ms"],
-                     rows))
-    print("\nMB: what rank 0 sent for gradients under the ring model (all-reduce of B bytes: 2(N-1)B/N; all-gather: "
-          "(N-1)B per rank);\npowersgd all-reduces uncompressed for its first 10 steps. Step ms: forward, backward "
-          "(with the hook's communication) and optimizer step.")
+    print(text_table(["method", "test accuracy (mean)", "vs fp32 pt (mean / worst seed)", "gradient MB sent per rank",
+                      "vs fp32 all-reduce", "mean step ms"], table))
+    print("\npt: test accuracy minus fp32 all-reduce's on the same seed, in percentage points (mean over seeds / "
+          "lowest seed).\nMB: what rank 0 sent for gradients under the ring model (all-reduce of B bytes: 2(N-1)B/N; "
+          "all-gather: (N-1)B per rank);\npowersgd all-reduces uncompressed for its first 10 steps. Step ms: forward, "
+          "backward (with the hook's communication) and optimizer step.")
 
 
 if __name__ == "__main__":
