@@ -21,9 +21,10 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
-from dsx.compress.hf import HeadLayout, is_conv1d, unit_input
+from dsx.compress.hf import HeadLayout, unit_input
 from dsx.compress.hf_layouts import unit_layout
 from dsx.core.inputs import Inputs, run_model
+from dsx.core.modules import is_hf_conv1d
 from dsx.core.transform import eval_mode
 
 LOOSE_LIMIT = 1 << 16
@@ -371,7 +372,7 @@ class _Tracer(TorchFunctionMode):
         if isinstance(module, nn.modules.conv._ConvNd):
             return not module.transposed
         return isinstance(module, (nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
-                                   nn.RMSNorm, nn.Embedding)) or is_conv1d(module) or _is_rmsnorm(module)
+                                   nn.RMSNorm, nn.Embedding)) or is_hf_conv1d(module) or _is_rmsnorm(module)
 
     def unit(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         name = self.module_names[id(module)]
@@ -381,7 +382,7 @@ class _Tracer(TorchFunctionMode):
             return self.label_outputs(outs, np.zeros(0, dtype=np.int64), 0)
         if (layout := unit_layout(module)) is not None:
             return self.layout_unit(module, name, layout, (x, *args[1:]), kwargs, outs)
-        if isinstance(module, nn.Linear) or is_conv1d(module):
+        if isinstance(module, nn.Linear) or is_hf_conv1d(module):
             linear = isinstance(module, nn.Linear)
             self.claim(module, "weight", 1 if linear else 0, self.channel_ids(x, -1, name), name)
             ids = self.source(name, module.weight.shape[0 if linear else 1])

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dsx.core.modules import is_hf_conv1d
+
 
 @dataclass(frozen=True)
 class HeadSlice:
@@ -81,11 +83,6 @@ def is_int(module: nn.Module, name: str) -> bool:
     return isinstance(getattr(module, name, None), int) and not isinstance(getattr(module, name), bool)
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """Hugging Face ``Conv1D`` (GPT-2): a linear layer with the weight stored as [in, out]."""
-    return type(module).__name__ == "Conv1D" and is_int(module, "nf") and getattr(module, "weight", None) is not None
-
-
 def unit_input(source: str | int, args: tuple, kwargs: dict[str, Any]) -> Any:
     """The argument a layout's input reads (None when not passed): ``source`` "q" is the module's input
     (``args[0]``), "kv" the key/value input (cross-attention's encoder states, else the input), a str the keyword
@@ -127,7 +124,7 @@ def head_layout(module: nn.Module) -> HeadLayout | None:
         d = module.attention_head_size
         return HeadLayout(module.query.out_features // d, 1, d, qkv_inputs("query", "key", "value"),
                           tuple(out_slices(module, ("query", "key", "value"), 0, (d,))))
-    fused = is_conv1d(getattr(module, "c_attn", None)) and is_conv1d(getattr(module, "c_proj", None))
+    fused = is_hf_conv1d(getattr(module, "c_attn", None)) and is_hf_conv1d(getattr(module, "c_proj", None))
     if fused and is_int(module, "head_dim") and is_int(module, "split_size") \
             and not getattr(module, "is_cross_attention", False):  # GPT-2: one Conv1D holds q | k | v
         d = module.head_dim
@@ -155,7 +152,7 @@ def patch_heads(module: nn.Module) -> dict[str, int]:
         module.num_attention_heads = heads
         module.all_head_size = heads * module.attention_head_size
         return {"heads": heads, "kv_heads": heads}
-    if is_conv1d(getattr(module, "c_attn", None)):
+    if is_hf_conv1d(getattr(module, "c_attn", None)):
         heads = module.c_attn.nf // (3 * module.head_dim)
         module.num_heads = heads
         module.split_size = heads * module.head_dim
@@ -186,7 +183,7 @@ def patch_mlp(module: nn.Module) -> int | None:
             return width
     if type(module).__name__.endswith("Intermediate") and linears(module, "dense"):
         return module.dense.out_features
-    if is_conv1d(getattr(module, "c_fc", nn.Identity())):
+    if is_hf_conv1d(getattr(module, "c_fc", nn.Identity())):
         return module.c_fc.nf
     if isinstance(getattr(module, "down_proj", None), nn.Parameter):  # MoE experts as 3-D tensors, patched before
         return next((getattr(module, a) for a in ("intermediate_dim", "intermediate_size") if is_int(module, a)), None)

@@ -16,10 +16,11 @@ import torch
 import torch.nn as nn
 
 from dsx.compress.depgraph import DepGraph, Group, build_depgraph, matches, tensor_leaves
-from dsx.compress.hf import is_conv1d, sync_config
+from dsx.compress.hf import sync_config
 from dsx.compress.hf_layouts import expert_tensors, patch_unit
 from dsx.compress.importance import check_importance, group_scores
 from dsx.core.inputs import Inputs, run_model
+from dsx.core.modules import is_hf_conv1d
 from dsx.core.transform import eval_mode
 
 SCOPES = ("local", "global")
@@ -215,7 +216,7 @@ def _fix_attributes(m: nn.Module) -> None:
         m.num_channels = w.shape[0]
     elif isinstance(m, nn.Embedding):
         m.embedding_dim = w.shape[1]
-    elif is_conv1d(m):
+    elif is_hf_conv1d(m):
         m.nx, m.nf = w.shape
 
 
@@ -250,7 +251,7 @@ def block_linear_weights(model: nn.Module, skip: Sequence[str] = ()) -> dict[str
     sizes = {}
     for name, m in model.named_modules():
         if any(name.startswith(b) for b in blocks) and not any(matches(name, p) for p in skip):
-            for t in ("weight",) if isinstance(m, nn.Linear) or is_conv1d(m) else expert_tensors(m):
+            for t in ("weight",) if isinstance(m, nn.Linear) or is_hf_conv1d(m) else expert_tensors(m):
                 sizes[f"{name}.{t}"] = getattr(m, t).numel()
     return sizes
 

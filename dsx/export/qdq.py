@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from dsx.export.fp8 import FP8QDQLinear
 from dsx.quant.linear import FP8Linear, Int8StaticLinear
-from dsx.quant.quantize import set_module
+from dsx.core.modules import set_module
 
 
 def _ops() -> Any:

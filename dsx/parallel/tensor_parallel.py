@@ -24,8 +24,8 @@ from torch.nn.utils import parametrize
 from dsx.kernels.int8_mm import int8_scaled_mm
 from dsx.kernels.quantize_fp8 import quantize_fp8_rowwise
 from dsx.kernels.quantize_per_token import quantize_per_token
-from dsx.quant.linear import LINEARS, FP8Linear, Int8Linear, QuantLinear, is_hf_conv1d
-from dsx.quant.quantize import set_module
+from dsx.quant.linear import LINEARS, FP8Linear, Int8Linear, QuantLinear
+from dsx.core.modules import is_hf_conv1d, set_module
 
 STYLES = ("colwise", "rowwise")
 """``colwise``: the input is replicated, each rank computes its slice of the output features and returns it (local).

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from dsx.quant.int4 import QMAX, minmax_params
-from dsx.quant.linear import is_hf_conv1d, linear_weight
+from dsx.core.modules import is_hf_conv1d
+from dsx.quant.linear import linear_weight
 
 CHOLESKY_RETRIES = 4  # damping tries: damp, 10 damp, 100 damp, 1000 damp
 

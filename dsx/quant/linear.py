@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dsx.core.modules import is_hf_conv1d
 from dsx.kernels.int8_fbgemm import int8_dynamic_mm_fbgemm, int8_scaled_mm_fbgemm, prepack, use_fbgemm
 from dsx.kernels.int8_mm import int8_scaled_mm, int8_scaled_mm_cpu, int8_weight_only_mm
 from dsx.kernels.quantize_fp8 import quantize_fp8_rowwise
@@ -19,12 +20,6 @@ from dsx.kernels.quantize_per_token import quantize_per_token, quantize_per_toke
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer whose weight is stored transposed, ``[in, out]``."""
-    cls = torch.nn.utils.parametrize.type_before_parametrizations(module)
-    return cls.__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 def is_linear(module: nn.Module) -> bool:

@@ -13,8 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from dsx.core.modules import is_hf_conv1d
 from dsx.quant.linear import (
-    Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear, QuantLinear, is_hf_conv1d, linear_weight,
+    Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear, QuantLinear, linear_weight,
 )
 
 QMAX = 127.0

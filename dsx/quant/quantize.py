@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from dsx.core.checks import check_flag, check_names, matches
 from dsx.core.dist import all_reduce_scalar, distributed_active
+from dsx.core.modules import set_module
 from dsx.core.inputs import MAX_BATCHES, Inputs, model_device, normalize_inputs, run_model
 from dsx.core.transform import METRICS, Transform, compare_outputs, eval_mode
 from dsx.quant.calibrate import Observers, check_batches, observe_inputs
@@ -36,15 +37,6 @@ def quantized_module(model: nn.Module) -> str | None:
         if isinstance(m, (QuantLinear, QATLinear, QuantizedEmbedding)) or type(m).__name__ in BNB_CLASSES:
             return name or "<the model itself>"
     return None
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """Put ``module`` at ``name`` in ``model``; returns the model (``module`` itself when ``name`` is the root)."""
-    if not name:
-        return module
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-    return model
 
 
 class _Smoothed(nn.Module):
