@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
 
 import dsx
 from dsx.models import TinyGPT
@@ -27,18 +28,21 @@ def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
 
 
-CASES = {  # model, schedule, trained
-    "float": (gpt, "1f1b", True),
-    "int8": (lambda: dsx.quantize(gpt().eval(), "int8", progress=False), "gpipe", False),
+CASES = {  # model, trained, pipeline arguments
+    "float": (gpt, True, dict(schedule="1f1b")),  # split evenly at the blocks
+    "int8": (lambda: dsx.quantize(gpt().eval(), "int8", progress=False), False,
+             dict(schedule="gpipe", split_spec=["blocks.1"], mesh="1-D")),
 }
 
 
-def _case(build, schedule: str, trained: bool) -> tuple[dict, Pipeline]:
+def _case(build, trained: bool, kwargs: dict) -> tuple[dict, Pipeline]:
     """This rank's view of one case (2 microbatches): output / losses against the single-process model (last
     stage), gradients of this stage's parameters against the single-process ones; and the pipeline."""
     model = build()
     ref = copy.deepcopy(model)  # the stages share the model's tensors
-    pipe = pipeline(model, X, schedule=schedule, microbatches=2, loss_fn=loss_fn if trained else None)
+    if kwargs.get("mesh"):
+        kwargs = {**kwargs, "mesh": init_device_mesh("cpu", (dist.get_world_size(),))}
+    pipe = pipeline(model, X, microbatches=2, loss_fn=loss_fn if trained else None, **kwargs)
     result = {"stage": pipe.stage_index, "last": pipe.is_last, "stages": pipe.num_stages,
               "unwrapped": all("forward" not in vars(m) for m in model.modules())}  # torch's split wrappers
     if not trained:
@@ -122,21 +126,29 @@ def test_an_int8_model_is_refused_for_training():
         pipeline(dsx.quantize(gpt().eval(), "int8", progress=False), X, loss_fn=loss_fn)
 
 
+no_group = pytest.mark.skipif(dist.is_initialized(), reason="needs this process without a process group")
+
+
+@no_group
 def test_without_a_process_group_the_error_says_how_to_start_one():
-    assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match=r"initialized process group.*init_process_group"):
         pipeline(gpt(), X)
 
 
+@no_group
 def test_world_size_1_runs_the_model_as_one_stage():
     """A 1-rank group: the whole model is one stage, still microbatched; GPipe training gives the eager gradients."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        result, pipe = _case(gpt, "gpipe", True)
-        assert (result["stages"], result["last"], result["error"]) == (1, True, 0)
+        result, pipe = _case(gpt, True, dict(schedule="gpipe"))
+        assert (result["stages"], result["last"]) == (1, True) and result["error"] <= 1e-6
         _check_gradients([result])
         with pytest.raises(ValueError, match=r"stages: 2 stages, but the pipeline group's size is 1"):
             pipeline(gpt(), X, stages=2)
+        with pytest.raises(ValueError, match=r"example_inputs: a batch of shapes \[\(4, 16\)\] does not split into 3"):
+            pipeline(gpt(), X, microbatches=3)
+        with pytest.raises(TypeError, match=r"mesh: expected a DeviceMesh or None, got str"):
+            pipeline(gpt(), X, mesh="pp")
         with pytest.raises(ValueError, match=r"inputs: the pipeline was traced for batches of shapes"):
             pipe.step(X[:2], target=Y[:2])
         with pytest.raises(ValueError, match=r"target: eval\(\) of a pipeline built with loss_fn needs the target"):
