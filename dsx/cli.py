@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 import dsx
 from dsx.cli_models import add_model_arguments, call_factory, model_and_inputs
-from dsx.core.inputs import normalize_inputs, run_model
-from dsx.core.serialize import META, WEIGHTS, _read_meta
-from dsx.core.summary import COLUMNS, _dash, _pairs, _size
+from dsx.core.inputs import normalize_inputs, run_model, tensor_leaves
+from dsx.core.serialize import META, WEIGHTS, read_meta
+from dsx.core.summary import COLUMNS, history_cells, history_row, size_text
 from dsx.core.table import text_table
 from dsx.core.timing import compare_ms
 from dsx.core.transform import compare_outputs
@@ -158,7 +158,7 @@ def _bench(args: argparse.Namespace) -> None:
             "eager": lambda: model(*a, **kw), "dsx.optimize": lambda: opt(*a, **kw),
             "torch.compile": lambda: compiled(*a, **kw),
             "onnxruntime fp32": lambda: [torch.from_numpy(x) for x in session.run(None, feeds)]}
-        ref_tensors = [x for x in pytree.tree_leaves(reference) if isinstance(x, torch.Tensor)]
+        ref_tensors = tensor_leaves(reference)
         with torch.no_grad():
             err = {k: compare_outputs(reference, run[k]())["max_abs"] for k in ("dsx.optimize", "torch.compile")}
         err["onnxruntime fp32"] = compare_outputs(ref_tensors, run["onnxruntime fp32"]())["max_abs"]
@@ -197,7 +197,7 @@ def _summary(args: argparse.Namespace) -> None:
     path = Path(args.file)
     if not path.is_dir():
         raise FileNotFoundError(f"summary: {path} is not a directory written by dsx.save ({WEIGHTS} + {META})")
-    meta = _read_meta(path)
+    meta = read_meta(path)
     by_dtype: dict[str, list[int]] = {}
     with safe_open(str(path / WEIGHTS), framework="pt") as f:
         for key in f.keys():
@@ -212,18 +212,16 @@ def _summary(args: argparse.Namespace) -> None:
     mode = "training" if meta["training"] else "eval"
     totals = [("file", path), ("model", f"{meta['origin']} ({mode} mode)"),
               ("tensors", f"{tensors:,} (parameters and persistent buffers)"), ("elements", f"{elements:,}"),
-              ("size", _size(size))]
+              ("size", size_text(size))]
     print("\n".join(f"{k + ':':<10}{v}" for k, v in totals), end="\n\n")
     dtypes = sorted(by_dtype.items(), key=lambda kv: -kv[1][2])
-    print(text_table(["dtype", "tensors", "elements", "size"], [[k, n, f"{e:,}", _size(b)] for k, (n, e, b) in dtypes]))
+    cells = [[k, n, f"{e:,}", size_text(b)] for k, (n, e, b) in dtypes]
+    print(text_table(["dtype", "tensors", "elements", "size"], cells))
     print()
     if not meta["history"]:
         print("no dsx transforms applied")
         return
-    rows = [[i, e["transform"], e["stage"], _pairs(e["config"]) or "-",
-             _dash((e.get("error") or {}).get("max_rel")), _dash((e.get("error") or {}).get("tolerance")),
-             _pairs(e["info"], drop_empty=True) or "-"] for i, e in enumerate(meta["history"], 1)]
-    print(text_table(COLUMNS, rows))
+    print(text_table(COLUMNS, history_cells([history_row(e) for e in meta["history"]])))
 
 
 def _demo(args: argparse.Namespace) -> None:

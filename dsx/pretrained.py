@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from dsx.core.checks import check_path
-from dsx.core.serialize import META, is_save, load
+from dsx.core.serialize import META, is_save, load, read_meta
 
 TASKS = {"auto": None, "base": "AutoModel", "causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM",
          "seq2seq-lm": "AutoModelForSeq2SeqLM", "sequence-classification": "AutoModelForSequenceClassification",
@@ -89,7 +89,7 @@ def from_pretrained(folder: str | os.PathLike, *, task: str = "auto") -> nn.Modu
         raise FileNotFoundError(f"folder: {folder} is not a Hugging Face model folder (no config.json)")
     config = _config(folder)
     if is_save(folder):
-        origin = json.loads((folder / META).read_text()).get("origin", "")
+        origin = read_meta(folder)["origin"]
         name = origin.rsplit(".", 1)[-1]
         if not origin.startswith("transformers.") or not hasattr(_transformers(), name):
             raise ValueError(f"folder: {folder / META} was saved from {origin!r}, not a transformers class; rebuild "

@@ -6,12 +6,10 @@ dims of their weights, adds and products merge ids, and channels reaching anythi
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import warnings
 import weakref
 from collections import Counter, defaultdict
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -23,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from dsx.compress.hf import HeadLayout, unit_input
 from dsx.compress.hf_layouts import unit_layout
-from dsx.core.inputs import Inputs, run_model
+from dsx.core.inputs import Inputs, run_model, tensor_leaves
 from dsx.core.modules import is_hf_conv1d
 from dsx.core.transform import eval_mode
 
@@ -89,19 +87,6 @@ class DepGraph:
     num_classes: int
     layouts: dict[str, HeadLayout] = field(default_factory=dict)
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
-
-
-def tensor_leaves(obj: Any) -> list[torch.Tensor]:
-    """Tensors in a nested output (tuples, lists, dicts, Hugging Face ModelOutputs), in order."""
-    found: list[torch.Tensor] = []
-    for leaf in pytree.tree_leaves(obj):
-        if isinstance(leaf, torch.Tensor):
-            found.append(leaf)
-        elif isinstance(leaf, Mapping):
-            found.extend(tensor_leaves(list(leaf.values())))
-        elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
-            found.extend(tensor_leaves([getattr(leaf, f.name) for f in dataclasses.fields(leaf)]))
-    return found
 
 
 def matches(name: str, pattern: str) -> bool:

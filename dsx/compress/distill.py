@@ -19,7 +19,9 @@ import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
 from dsx.core.checks import check_flag
-from dsx.core.inputs import Inputs, check_finite_parameters, check_module, model_device, normalize_inputs
+from dsx.core.inputs import (
+    Inputs, check_finite_parameters, check_module, model_device, normalize_inputs, tensor_leaves,
+)
 from dsx.core.transform import Transform, eval_mode
 
 CONV_PROJECTIONS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -29,26 +31,13 @@ IGNORE_INDEX = -100
 """The label cross-entropy skips (Hugging Face pads labels with it)."""
 
 
-def first_tensor(out: Any) -> torch.Tensor | None:
-    """The first tensor in a module output (a Tensor, tuple/list, dict or Hugging Face ``ModelOutput``)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        for item in out:
-            if (found := first_tensor(item)) is not None:
-                return found
-    return None
-
-
 def output_logits(out: Any, who: str) -> torch.Tensor:
     """The logits of a model output: ``out`` itself, its ``.logits`` (Hugging Face) or else its first tensor."""
     logits = getattr(out, "logits", None)
     if not isinstance(logits, torch.Tensor) and isinstance(out, Mapping):
         logits = out.get("logits")
     if not isinstance(logits, torch.Tensor):
-        logits = first_tensor(out)
+        logits = next(iter(tensor_leaves(out)), None)
     if logits is None:
         raise ValueError(f"{who}: the output ({type(out).__name__}) holds no tensor to distill")
     return logits
@@ -187,7 +176,7 @@ class DistillationLoss(nn.Module):
 
     def _hook(self, side: str, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if (feature := first_tensor(output)) is not None:
+            if (feature := next(iter(tensor_leaves(output)), None)) is not None:
                 self._seen[side][name] = feature
         return hook
 

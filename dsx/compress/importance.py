@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dsx.compress.depgraph import Claim, DepGraph, Group, tensor_leaves
-from dsx.core.inputs import Inputs, take_batches
+from dsx.compress.depgraph import Claim, DepGraph, Group
+from dsx.core.inputs import Inputs, take_batches, tensor_leaves
 from dsx.core.transform import eval_mode
 
 IMPORTANCES = ("l1", "l2", "taylor", "bn_scale")

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dsx.compress.depgraph import DepGraph, Group, build_depgraph, matches, tensor_leaves
+from dsx.compress.depgraph import DepGraph, Group, build_depgraph, matches
 from dsx.compress.hf import sync_config
 from dsx.compress.hf_layouts import expert_tensors, patch_unit
 from dsx.compress.importance import check_importance, group_scores
-from dsx.core.inputs import Inputs, run_model
+from dsx.core.inputs import Inputs, run_model, tensor_leaves
 from dsx.core.modules import is_hf_conv1d
 from dsx.core.transform import eval_mode
 

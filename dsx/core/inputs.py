@@ -5,9 +5,10 @@ Accepted forms: a Tensor, a tuple/list of positional arguments, or a dict of key
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -93,6 +94,19 @@ def check_module(model: Any, name: str = "model") -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name}: expected a torch.nn.Module, got {type(model).__name__}")
     return model
+
+
+def tensor_leaves(obj: Any) -> list[torch.Tensor]:
+    """Tensors in a nested output (tuples, lists, dicts, Hugging Face ModelOutputs), in order."""
+    found: list[torch.Tensor] = []
+    for leaf in pytree.tree_leaves(obj):
+        if isinstance(leaf, torch.Tensor):
+            found.append(leaf)
+        elif isinstance(leaf, Mapping):
+            found.extend(tensor_leaves(list(leaf.values())))
+        elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            found.extend(tensor_leaves([getattr(leaf, f.name) for f in dataclasses.fields(leaf)]))
+    return found
 
 
 def run_model(model: nn.Module, inputs: Inputs, *, name: str = "example_inputs") -> Any:

@@ -105,7 +105,13 @@ def hf_configs(model: nn.Module) -> dict[str, str]:
     return texts
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path) -> dict[str, Any]:
+    """The checked ``dsx.json`` of the save at ``path``.
+
+    Raises:
+        FileNotFoundError: ``path`` lacks ``dsx.json`` or ``model.safetensors``.
+        ValueError: the metadata is not valid JSON or not a dsx save's.
+    """
     for name in (META, WEIGHTS):
         if not (path / name).is_file():
             raise FileNotFoundError(f"load: {path / name} not found (expected a directory written by dsx.save)")
@@ -193,7 +199,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None
     path = check_path("path", path)
     if not path.exists() and previous(path).is_dir():  # a save crashed between its two renames
         path = previous(path)
-    meta = _read_meta(path)
+    meta = read_meta(path)
     if origin(model) != meta["origin"]:
         raise ValueError(f"load: {path} holds a {meta['origin']}, but the model given is a {origin(model)}")
     if history(model):

@@ -37,16 +37,12 @@ class Summary:
         return asdict(self)
 
     def _cells(self) -> list[list[Any]]:
-        return [
-            [i, r["transform"], r["stage"], _pairs(r["config"]) or "-", _dash(r["max_rel"]), _dash(r["tolerance"]),
-             _pairs(r["info"], drop_empty=True) or "-"]
-            for i, r in enumerate(self.rows, 1)
-        ]
+        return history_cells(self.rows)
 
     def _totals(self) -> list[tuple[str, str]]:
-        mix = ", ".join(f"{k} {_size(v)} ({100 * v / max(self.bytes, 1):.1f}%)" for k, v in self.dtypes.items())
+        mix = ", ".join(f"{k} {size_text(v)} ({100 * v / max(self.bytes, 1):.1f}%)" for k, v in self.dtypes.items())
         return [("model", self.origin), ("parameters", f"{self.parameters:,}"),
-                ("buffer elements", f"{self.buffers:,}"), ("size", _size(self.bytes)), ("dtypes", mix or "-")]
+                ("buffer elements", f"{self.buffers:,}"), ("size", size_text(self.bytes)), ("dtypes", mix or "-")]
 
     def __str__(self) -> str:
         totals = self._totals()
@@ -65,11 +61,25 @@ class Summary:
         return f"<div>{totals}{body}{plans}</div>"
 
 
+def history_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """One history entry (as ``dsx.history`` or a save's ``dsx.json`` holds it) as a summary row."""
+    err = entry.get("error") or {}
+    return {"transform": entry["transform"], "stage": entry["stage"], "config": entry["config"],
+            "max_rel": err.get("max_rel"), "tolerance": err.get("tolerance"), "info": entry["info"]}
+
+
+def history_cells(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """The table cells (under ``COLUMNS``) of summary rows, numbered from 1."""
+    return [[i, r["transform"], r["stage"], _pairs(r["config"]) or "-", _dash(r["max_rel"]), _dash(r["tolerance"]),
+             _pairs(r["info"], drop_empty=True) or "-"] for i, r in enumerate(rows, 1)]
+
+
 def _dash(x: float | None) -> float | str:
     return "-" if x is None else x
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
+    """``n`` bytes in B / KiB / MiB / GiB / TiB."""
     units = ("B", "KiB", "MiB", "GiB", "TiB")
     i = 0
     while n >= 1024 and i < len(units) - 1:
@@ -110,11 +120,7 @@ def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
 def summary(model: nn.Module) -> Summary:
     """What dsx transforms were applied to ``model`` (oldest first) and its parameter / memory totals."""
     check_module(model)
-    rows = []
-    for entry in history(model):
-        err = entry.get("error") or {}
-        rows.append({"transform": entry["transform"], "stage": entry["stage"], "config": entry["config"],
-                     "max_rel": err.get("max_rel"), "tolerance": err.get("tolerance"), "info": entry["info"]})
+    rows = [history_row(entry) for entry in history(model)]
     seen: set[tuple[Any, ...]] = set()
     counts = {"parameters": 0, "buffers": 0}
     dtypes: dict[str, int] = {}

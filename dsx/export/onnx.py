@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from dsx.core.inputs import Inputs, check_module, normalize_inputs
+from dsx.core.inputs import Inputs, check_module, normalize_inputs, tensor_leaves
 from dsx.core.transform import VerificationError, compare_outputs
 from dsx.export.onnx_ops import DEFAULT_OPSET, translation_table
 from dsx.export.qdq import qdq_form
@@ -197,7 +197,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     program = write_onnx(model, inputs, path, dynamic_shapes=dynamic_shapes, opset=opset, notes=notes)
     if not verify:
         return ExportResult(path, "onnx", notes=notes)
-    reference = unpadded(inputs, [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)])
+    reference = unpadded(inputs, tensor_leaves(expected))
     outputs = unpadded(inputs, run_onnx(path, _named_inputs(program, inputs)))
     err = compare_outputs(reference, outputs)
     if by_cosine:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from dsx.core.inputs import check_module, normalize_inputs, run_model
+from dsx.core.inputs import check_module, normalize_inputs, run_model, tensor_leaves
 from dsx.core.transform import VerificationError, compare_outputs
 from dsx.export.result import ExportResult, check_error
 from dsx.graph.capture import batch_dynamic_shapes
@@ -131,7 +131,7 @@ def export_tensorrt(model: nn.Module, example_inputs: Any, path: str | os.PathLi
     if path.suffix == ".engine":
         named = dict(zip(program.graph_signature.user_inputs, pytree.tree_leaves((args, kwargs))))
         outputs = _run_engine(path.read_bytes(), named)
-        reference = [x for x in pytree.tree_leaves(reference) if isinstance(x, torch.Tensor)]
+        reference = tensor_leaves(reference)
     else:
         loaded = torch.jit.load(str(path)) if path.suffix == ".ts" else torch.export.load(path).module()
         outputs = run_model(loaded, (args, kwargs), name="example_inputs (reloaded TensorRT module)")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dsx.compress.depgraph import build_depgraph, tensor_leaves
+from dsx.compress.depgraph import build_depgraph
+from dsx.core.inputs import tensor_leaves
 from dsx.compress.hf import HeadSlice, head_layout, unit_input
 from dsx.compress.hf_layouts import unit_layout
 from dsx.compress.structured import prune_structured
