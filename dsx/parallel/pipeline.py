@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.fx as fx
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import Pipe, Schedule1F1B, ScheduleGPipe, SplitPoint
@@ -152,17 +154,27 @@ def _group(mesh: DeviceMesh | None) -> dist.ProcessGroup:
     return mesh.get_group()
 
 
-def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's largest ``nn.ModuleList`` (the transformer blocks), the first one met on a tie."""
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+def _weight(module: nn.Module) -> int:
+    return sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+
+
+def _blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
+    """The blocks: the children of the container with numbered children (an ``nn.ModuleList`` / ``nn.Sequential``, or
+    its holder in a captured graph) that holds the most weights, the first met on a tie (so a model's layers, not
+    the experts of one of them)."""
+    lists = []
+    for name, m in model.named_modules():
+        children = [n for n, _ in m.named_children() if n != "_guards_fn"]
+        if children and children == [str(i) for i in range(len(children))]:
+            lists.append((name, [getattr(m, n) for n in children]))
     if not lists:
         raise ValueError(f"split_spec: {type(model).__name__} has no nn.ModuleList of blocks to split at; name the "
                          "submodules each stage starts at (split_spec=['layers.4', ...])")
-    return max(lists, key=lambda item: len(item[1]))
+    return max(lists, key=lambda item: sum(_weight(b) for b in item[1]))
 
 
 def _default_spec(model: nn.Module, stages: int) -> dict[str, SplitPoint]:
-    """Split points before blocks ``i * n // stages`` of the largest ModuleList: stage sizes differ by at most 1."""
+    """Split points before blocks ``i * n // stages`` of the blocks: stage sizes differ by at most one block."""
     if stages == 1:
         return {}
     name, blocks = _blocks(model)
@@ -208,8 +220,31 @@ def _microbatch(inputs: tuple, microbatches: int) -> tuple:
     return chunks[0]
 
 
+def _split_graph(names: list[str], gm: fx.GraphModule) -> fx.GraphModule:
+    """torch's ``split_policy`` for a captured (fused) model, whose submodules only hold tensors: a ``pipe_split``
+    before the first node that computes with a tensor of each named submodule."""
+    for name in names:
+        reads = {n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith(f"{name}.")}
+        first = next((n for n in gm.graph.nodes if n.op != "get_attr" and reads & set(n.all_input_nodes)), None)
+        if first is None:
+            raise ValueError(f"split_spec: nothing in the captured graph computes with the tensors of {name!r}")
+        with gm.graph.inserting_before(first):
+            gm.graph.call_function(torch.ops.pippy._pipe_split.default, ())  # what torch's pipe_split() traces to
+    gm.recompile()
+    return gm
+
+
 def _trace(model: nn.Module, mb_args: tuple, spec: dict[str, SplitPoint]) -> Pipe:
-    """torch's ``pipeline()``; the split-point wrappers it puts on ``model``'s submodules are taken off after."""
+    """torch's ``pipeline()``: split points on the submodules of ``spec`` (the wrappers torch puts on them are taken
+    off after), or for a captured graph, ``pipe_split`` calls inserted into the traced graph."""
+    if isinstance(model, fx.GraphModule):
+        if any(point is not SplitPoint.BEGINNING for point in spec.values()):
+            raise ValueError("split_spec: a captured (fused) graph splits at the beginning of submodules only")
+        try:
+            return trace_pipeline(model, mb_args, split_policy=partial(_split_graph, list(spec)))
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\nA captured (fused) model is specialized to its example shapes: capture it with "
+                               "dynamic_batch=True (dsx.Fuse) or at the microbatch's shape") from e
     attrs = ("forward", "_orig_forward")
     saved = {name: {a: model.get_submodule(name).__dict__.get(a) for a in attrs} for name in spec}
     try:
@@ -251,12 +286,14 @@ def pipeline(model: nn.Module, example_inputs: Any, stages: int | None = None, m
              scale_grads: bool = True, device: torch.device | str | None = None) -> Pipeline:
     """Split ``model`` into pipeline stages, one per rank, and return this rank's stage with its schedule.
 
-    Every rank of the group calls it with the same model and inputs. The model (float, quantized, pruned, QAT or
-    fused: anything ``torch.export`` traces) is traced by ``torch.distributed.pipelining.pipeline`` on a microbatch
-    of ``example_inputs`` and split before the submodules of ``split_spec``; by default ``stages`` even runs of the
-    blocks of its largest ``nn.ModuleList`` (the first stage also holds the embeddings, the last the head). The
-    model's train / eval mode at this call is the one traced. At world size 1 the whole model is one stage and the
-    schedule still chunks batches into microbatches (and computes losses).
+    Every rank of the group calls it with the same model and inputs. The model (float, quantized, pruned, QAT:
+    anything ``torch.export`` traces) is traced by ``torch.distributed.pipelining.pipeline`` on a microbatch of
+    ``example_inputs`` and split before the submodules of ``split_spec``; by default into ``stages`` even runs of its
+    blocks (the children of the ``nn.ModuleList`` / ``nn.Sequential`` holding the most weights; the first stage also
+    holds the embeddings, the last the head). A captured, fused ``GraphModule`` (``dsx.Fuse(dynamic_batch=True)``)
+    is split by torch's ``pipe_split`` markers, put before the first node computing with each split submodule's
+    tensors. The model's train / eval mode at this call is the one traced. At world size 1 the whole model is one
+    stage and the schedule still chunks batches into microbatches (and computes losses).
 
     Args:
         model: the model; not changed (the stages share its parameters and buffers).

@@ -1,6 +1,6 @@
 """dsx.parallel.pipeline: a float and an int8 TinyGPT split over 2 gloo ranks give the single-process outputs, losses
-and gradients (1F1B training, GPipe inference; one distributed run, checked per case); argument errors, world size 1
-(GPipe training) and the missing process group are checked in this process."""
+and gradients (1F1B training, GPipe inference; one distributed run, checked per case); argument errors, a fused
+graph's split, world size 1 (GPipe training) and the missing process group are checked in this process."""
 
 import copy
 
@@ -9,10 +9,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.pipelining import SplitPoint
 
 import dsx
 from dsx.models import TinyGPT
-from dsx.parallel.pipeline import Pipeline, pipeline
+from dsx.parallel.pipeline import Pipeline, _default_spec, _trace, pipeline
 from tests.parallel.dist_utils import run_distributed
 
 X = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
@@ -124,6 +125,22 @@ def test_bad_arguments_are_named(kwargs, error, match):
 def test_an_int8_model_is_refused_for_training():
     with pytest.raises(ValueError, match=r"loss_fn: .*dsx quantized linears.*qat=True"):
         pipeline(dsx.quantize(gpt().eval(), "int8", progress=False), X, loss_fn=loss_fn)
+
+
+def test_a_fused_graph_splits_at_its_blocks():
+    """dsx.Fuse's GraphModule calls no block module: torch's pipe_split markers go before the first node computing
+    with each split block's tensors; the two stages, run in this process, give the fused model's output."""
+    fused = dsx.Fuse(dynamic_batch=True)(gpt().eval(), X)
+    spec = _default_spec(fused, 2)
+    assert spec == {"blocks.1": SplitPoint.BEGINNING}
+    pipe = _trace(fused, (X[:2],), spec)
+    assert pipe.num_stages == 2
+    blocks = [{n.split(".")[1] for n, _ in pipe.get_stage_module(i).named_parameters() if n.startswith("blocks.")}
+              for i in range(2)]
+    assert blocks == [{"0"}, {"1"}]
+    with torch.no_grad():
+        out, expected = torch.cat([pipe(x)[0] for x in X.chunk(2)]), fused(X)
+    assert (out - expected).abs().max() <= 1e-6 * expected.abs().max()
 
 
 no_group = pytest.mark.skipif(dist.is_initialized(), reason="needs this process without a process group")
