@@ -168,8 +168,8 @@ def _blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
         if children and children == [str(i) for i in range(len(children))]:
             lists.append((name, [getattr(m, n) for n in children]))
     if not lists:
-        raise ValueError(f"split_spec: {type(model).__name__} has no nn.ModuleList of blocks to split at; name the "
-                         "submodules each stage starts at (split_spec=['layers.4', ...])")
+        raise ValueError(f"split_spec: {type(model).__name__} has no nn.ModuleList / nn.Sequential of blocks to split "
+                         "at; name the submodules each stage starts at (split_spec=['layers.4', ...])")
     return max(lists, key=lambda item: sum(_weight(b) for b in item[1]))
 
 

@@ -122,6 +122,16 @@ def test_bad_arguments_are_named(kwargs, error, match):
         pipeline(gpt(), X, **kwargs)
 
 
+def test_the_default_blocks_are_the_layers_not_the_experts_of_one():
+    layers = torch.nn.ModuleList(torch.nn.ModuleDict({"experts": torch.nn.ModuleList(torch.nn.Linear(8, 8)
+                                                                                     for _ in range(4))})
+                                 for _ in range(3))
+    model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(10, 8), "layers": layers})
+    assert _default_spec(model, 3) == {"layers.1": SplitPoint.BEGINNING, "layers.2": SplitPoint.BEGINNING}
+    with pytest.raises(ValueError, match=r"split_spec: ModuleDict has no nn.ModuleList / nn.Sequential of blocks"):
+        _default_spec(torch.nn.ModuleDict({"embed": torch.nn.Embedding(10, 8)}), 2)
+
+
 def test_an_int8_model_is_refused_for_training():
     with pytest.raises(ValueError, match=r"loss_fn: .*dsx quantized linears.*qat=True"):
         pipeline(dsx.quantize(gpt().eval(), "int8", progress=False), X, loss_fn=loss_fn)
