@@ -156,22 +156,21 @@ class TopKCodec:
             positions = torch.cat([offsets, _bytes(counts)])
         return torch.cat([self.values.encode(values), positions])
 
-    def _decode_row(self, payload: torch.Tensor, length: int) -> torch.Tensor:
-        k = topk_count(length, self.fraction)
-        n = self.values.size(k)
-        values, positions = self.values.decode(payload[:n], k), payload[n:]
-        if self._bitmap(length):
-            indices = unpack_bits(positions, 1, length).nonzero().flatten()
-        else:
-            offsets = positions[:2 * k].view(k, 2).long()
-            counts = _view(positions[2 * k:], torch.int32).long()
-            windows = torch.arange(counts.numel(), device=payload.device).repeat_interleave(counts)
-            indices = windows * WINDOW + offsets[:, 0] + (offsets[:, 1] << 8)
-        return torch.zeros(length, device=payload.device).index_put_((indices,), values)
-
     def decode(self, payload: torch.Tensor, length: int) -> torch.Tensor:
         rows = payload.reshape(-1, payload.shape[-1])
-        return torch.stack([self._decode_row(row, length) for row in rows]).view(*payload.shape[:-1], length)
+        k = topk_count(length, self.fraction)
+        n = self.values.size(k)
+        values, positions = self.values.decode(rows[:, :n], k), rows[:, n:]
+        if self._bitmap(length):
+            indices = unpack_bits(positions, 1, length).nonzero()[:, 1].view(-1, k)  # row-major: k per row
+        else:
+            offsets = positions[:, :2 * k].reshape(-1, k, 2).long()
+            counts = _view(positions[:, 2 * k:], torch.int32).long()
+            windows = torch.arange(counts.shape[1], device=payload.device).repeat(len(rows))
+            windows = windows.repeat_interleave(counts.flatten()).view(-1, k)
+            indices = windows * WINDOW + offsets[..., 0] + (offsets[..., 1] << 8)
+        out = torch.zeros(len(rows), length, device=payload.device).scatter_(1, indices, values)
+        return out.view(*payload.shape[:-1], length)
 
 
 class TwoFourCodec:
