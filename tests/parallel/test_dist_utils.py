@@ -12,6 +12,7 @@ def _sum_ranks(rank, world):
 
 
 def _fail_on_one(rank, world):
+    dist.barrier()  # both ranks are connected before either leaves: rank 0 tearing down mid-setup resets rank 1
     if rank == 1:
         raise ValueError("boom")
     return rank
