@@ -1,5 +1,5 @@
 """Every dsx Triton kernel compiles to PTX and cubin for CUDA targets on this CPU machine (Triton's own ptxas, no GPU):
-every autotune config for sm90 (H100 / H200), the first config of each for sm80, none slower than 20 s to compile.
+every autotune config for sm90 (H100 / H200), the first config of each for sm80, none slower than 45 s to compile.
 
 Compiling runs in a subprocess without ``TRITON_INTERPRET`` (under the interpreter there is nothing to compile).
 """
@@ -14,7 +14,9 @@ import pytest
 import triton
 
 SCRIPT = Path(__file__).with_name("cuda_compile.py")
-MAX_SECONDS = 20.0
+MAX_SECONDS = 45.0
+"""A config taking longer stalls the autotuner (a BLOCK 65536 row kernel at num_warps=1 took 70-121 s); 45 s leaves
+room for a loaded CI machine (the int4 GEMM configs took 20-32 s on 2 busy cores)."""
 
 pytestmark = pytest.mark.skipif("nvidia" not in triton.backends.backends,
                                 reason="this Triton build has no NVIDIA backend")
