@@ -51,5 +51,6 @@ def test_every_import_runs_down_the_layers():
 
 def test_the_walk_sees_function_level_imports(tmp_path):
     module = tmp_path / "m.py"
-    module.write_text("def f():\n    from dsx.parallel.comm import SPECS\n    import dsx.quant\nfrom dsx import export\n")
+    module.write_text("def f():\n    from dsx.parallel.comm import SPECS\n    import dsx.quant\n"
+                      "from dsx import export\n")
     assert imports(module) == {"parallel", "quant", "export"}
