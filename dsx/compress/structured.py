@@ -19,6 +19,7 @@ from dsx.compress.depgraph import DepGraph, Group, build_depgraph, matches
 from dsx.compress.hf import sync_config
 from dsx.compress.hf_layouts import expert_tensors, patch_unit
 from dsx.compress.importance import check_importance, group_scores
+from dsx.compress.layer_rules import rule_for
 from dsx.core.inputs import Inputs, run_model, tensor_leaves
 from dsx.core.modules import is_hf_conv1d
 from dsx.core.transform import eval_mode
@@ -163,7 +164,8 @@ def _shrink_elements(t: torch.Tensor, keep: np.ndarray, name: str) -> torch.Tens
 
 
 def _shrink(model: nn.Module, graph: DepGraph, keep_class: np.ndarray) -> None:
-    """Cut every claimed dim to its kept positions and swap the new tensors in (shared ones stay shared)."""
+    """Cut every claimed dim to its kept positions, swap the new tensors in (shared ones stay shared) and let each
+    touched layer's rule resize it."""
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     claims = defaultdict(list)
     for c in graph.claims:
@@ -193,31 +195,8 @@ def _shrink(model: nn.Module, graph: DepGraph, keep_class: np.ndarray) -> None:
                         made[id(v)] = nn.Parameter(new[id(v)], v.requires_grad) if isinstance(v, nn.Parameter) \
                             else new[id(v)]
                     store[k], touched = made[id(v)], True
-        if touched:
-            _fix_attributes(m)
-
-
-def _fix_attributes(m: nn.Module) -> None:
-    """Make a shrunk layer's size attributes (read by forward and repr) match its new weights."""
-    w = getattr(m, "weight", None)
-    if isinstance(m, nn.Linear):
-        m.out_features, m.in_features = w.shape
-    elif isinstance(m, nn.modules.conv._ConvNd):
-        if 1 < m.groups == m.in_channels:  # depthwise: groups follow the channels
-            m.groups = m.in_channels = w.shape[0] // (m.out_channels // m.groups)
-        else:
-            m.in_channels = w.shape[1] * m.groups
-        m.out_channels = w.shape[0]
-    elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-        m.num_features = (w if w is not None else m.running_mean).shape[0]
-    elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-        m.normalized_shape = (w.shape[0],)
-    elif isinstance(m, nn.GroupNorm):
-        m.num_channels = w.shape[0]
-    elif isinstance(m, nn.Embedding):
-        m.embedding_dim = w.shape[1]
-    elif is_hf_conv1d(m):
-        m.nx, m.nf = w.shape
+        if touched and (rule := rule_for(m)) is not None:
+            rule.resize(m)
 
 
 def _check_runs(model: nn.Module, inputs: Inputs, shapes: list[tuple[int, ...]]) -> None:
