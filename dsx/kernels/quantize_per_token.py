@@ -1,9 +1,10 @@
 """Dynamic per-token int8 quantization (``dsx::quantize_per_token``): symmetric, one fp32 scale per row.
 
-Int8 GEMMs need their activations quantized on every call; one kernel finds each row's absmax and quantizes it.
+Int8 GEMMs need their activations quantized on every call; one kernel finds each row's absmax (or takes a given one,
+the full row's when ``x`` is one rank's slice of it) and quantizes it.
 """
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import triton
@@ -44,11 +45,15 @@ def row_absmax(x_row, stride_xn, N, amax_min, BLOCK: tl.constexpr):
 
 @triton.autotune(configs=ROW_CONFIGS, key=["BLOCK"], prune_configs_by={"early_config_prune": prune_row_configs})
 @triton.jit
-def _quantize_per_token_fwd(X, Q, S, stride_xm, stride_xn, N, amax_min, BLOCK: tl.constexpr):
+def _quantize_per_token_fwd(X, Q, S, stride_xm, stride_xn, N, amax_min, A, HAS_AMAX: tl.constexpr,
+                            BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_xm
     cols = tl.arange(0, BLOCK)
-    amax = row_absmax(x_row, stride_xn, N, amax_min, BLOCK)
+    if HAS_AMAX:
+        amax = tl.maximum(tl.load(A + row).to(tl.float32), amax_min)
+    else:
+        amax = row_absmax(x_row, stride_xn, N, amax_min, BLOCK)
     tl.store(S + row, tl.math.div_rn(amax, 127.0))
     inv = tl.math.div_rn(1.0, amax) * 127.0  # how torch evaluates ``127 / amax``: reciprocal, then multiply
     for start in range(0, N, BLOCK):
@@ -86,9 +91,20 @@ def scale_shape(x: torch.Tensor) -> Tuple[int, ...]:
     return (*x.shape[:-1], 1)
 
 
-def launch_rowwise(name: str, x: torch.Tensor, kernel: Any, qdtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Run a one-program-per-row quantize kernel ``kernel(X, Q, S, stride_xm, stride_xn, N, amax_min, BLOCK)``:
-    ``(q`` of ``qdtype`` shaped like ``x``, fp32 ``scale`` of ``scale_shape(x))``."""
+def check_absmax(name: str, x: torch.Tensor, absmax: Optional[torch.Tensor]) -> None:
+    """ValueError unless ``absmax`` is None or a floating tensor of ``scale_shape(x)`` on ``x``'s device."""
+    if absmax is None:
+        return
+    if not absmax.is_floating_point() or tuple(absmax.shape) != scale_shape(x) or absmax.device != x.device:
+        raise ValueError(f"{name}: absmax must be a floating tensor of shape {scale_shape(x)} on {x.device} (one "
+                         f"value per row of x), got {absmax.dtype} of shape {tuple(absmax.shape)} on {absmax.device}")
+
+
+def launch_rowwise(name: str, x: torch.Tensor, kernel: Any, qdtype: torch.dtype,
+                   **extra: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run a one-program-per-row quantize kernel ``kernel(X, Q, S, stride_xm, stride_xn, N, amax_min, BLOCK)``
+    (``extra``: its further keyword arguments): ``(q`` of ``qdtype`` shaped like ``x``, fp32 ``scale`` of
+    ``scale_shape(x))``."""
     check_quantize_input(name, x)
     n = x.shape[-1]
     q = torch.empty(x.shape, dtype=qdtype, device=x.device)
@@ -96,78 +112,107 @@ def launch_rowwise(name: str, x: torch.Tensor, kernel: Any, qdtype: torch.dtype)
     x2 = x.reshape(-1, n)
     if x2.shape[0]:
         kernel[(x2.shape[0],)](
-            x2, q, scale, x2.stride(0), x2.stride(1), n, AMAX_MIN, BLOCK=min(next_pow2(n), MAX_BLOCK),
+            x2, q, scale, x2.stride(0), x2.stride(1), n, AMAX_MIN, BLOCK=min(next_pow2(n), MAX_BLOCK), **extra,
         )
     return q, scale
 
 
-def _launch(x: torch.Tensor, kernel: Any = _quantize_per_token_fwd) -> Tuple[torch.Tensor, torch.Tensor]:
-    return launch_rowwise("quantize_per_token", x, kernel, torch.int8)
+def _launch(x: torch.Tensor, absmax: Optional[torch.Tensor] = None,
+            kernel: Any = _quantize_per_token_fwd) -> Tuple[torch.Tensor, torch.Tensor]:
+    check_absmax("quantize_per_token", x, absmax)
+    given = absmax is not None
+    return launch_rowwise("quantize_per_token", x, kernel, torch.int8,
+                          A=absmax.reshape(-1).contiguous() if given else x, HAS_AMAX=given)
 
 
-def quantize_per_token_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token_triton(x: torch.Tensor,
+                              absmax: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernel directly: ``(q, scale)`` as in ``reference``."""
-    return _launch(x)
+    return _launch(x, absmax)
 
 
-def reference(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch definition, in fp32: ``amax = max(|x|, 1e-12)`` per row, ``scale = amax / 127`` and
-    ``q = round(x * (127 / amax))`` (half to even) clamped to [-127, 127] as int8."""
+def reference(x: torch.Tensor, absmax: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch definition, in fp32: ``amax = max(|x|, 1e-12)`` per row (``max(absmax, 1e-12)`` when given),
+    ``scale = amax / 127`` and ``q = round(x * (127 / amax))`` (half to even) clamped to [-127, 127] as int8."""
     check_quantize_input("quantize_per_token", x)
+    check_absmax("quantize_per_token", x, absmax)
     xf = x.float()
-    amax = xf.abs().amax(-1, keepdim=True).clamp_min(AMAX_MIN)
+    amax = (xf.abs().amax(-1, keepdim=True) if absmax is None else absmax.float()).clamp_min(AMAX_MIN)
     q = torch.round(xf * (QMAX / amax)).clamp(-QMAX, QMAX).to(torch.int8)
     return q, amax / QMAX
 
 
-def _quantize_aten(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _quantize_aten(x: torch.Tensor, absmax: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``reference`` without full-size fp32 temporaries (in eager mode): chunk by chunk of rows, the row maxima and
     the rounded product, so each chunk is read from memory once and then from cache.
 
-    ``|x * (127 / amax)| <= 127 (1 + 2**-23)**3 < 127.5``, so the rounded values need no clamp.
+    With the rows' own maxima ``|x * (127 / amax)| <= 127 (1 + 2**-23)**3 < 127.5``, so the rounded values need no
+    clamp; a given ``absmax`` may be below a row's maximum, and then they are clamped.
     """
     check_quantize_input("quantize_per_token", x)
+    check_absmax("quantize_per_token", x, absmax)
     x2 = x.reshape(-1, x.shape[-1])
+    given = None if absmax is None else absmax.reshape(-1, 1).float().clamp_min(AMAX_MIN)
+
+    def quantize(rows: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        q = torch.mul(rows, QMAX / amax).round_()
+        return q if given is None else q.clamp_(-QMAX, QMAX)
+
     if x2.shape[0] <= SMALL_ROWS and not torch.compiler.is_compiling():  # decode: fewest ops, |x| is tiny here
-        amax = x2.abs().amax(-1, keepdim=True).float().clamp_min_(AMAX_MIN)
-        q = torch.mul(x2, QMAX / amax).round_().to(torch.int8).contiguous()
-        return q.view(x.shape), (amax / QMAX).view(scale_shape(x))
+        amax = x2.abs().amax(-1, keepdim=True).float().clamp_min_(AMAX_MIN) if given is None else given
+        return quantize(x2, amax).to(torch.int8).contiguous().view(x.shape), (amax / QMAX).view(scale_shape(x))
     if torch.compiler.is_compiling():
-        amax = row_amax(x2)
-        return torch.mul(x2, QMAX / amax).round_().to(torch.int8).view(x.shape), (amax / QMAX).view(scale_shape(x))
+        amax = row_amax(x2) if given is None else given
+        return quantize(x2, amax).to(torch.int8).view(x.shape), (amax / QMAX).view(scale_shape(x))
     q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x.device)
     step = chunk_rows(x2.shape[1])
     for s in range(0, x2.shape[0], step):
-        amax = row_amax(x2[s:s + step])
+        amax = row_amax(x2[s:s + step]) if given is None else given[s:s + step]
         torch.div(amax, QMAX, out=scale[s:s + step])
-        q[s:s + step] = torch.mul(x2[s:s + step], QMAX / amax).round_()
+        q[s:s + step] = quantize(x2[s:s + step], amax)
     return q.view(x.shape), scale.view(scale_shape(x))
 
 
 @triton_op("dsx::quantize_per_token", mutates_args=())
-def _quantize_per_token_op(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _quantize_per_token_op(x: torch.Tensor,
+                           absmax: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x):
-        return _launch(x, wrap_triton(_quantize_per_token_fwd))
-    return _quantize_aten(x)
+        return _launch(x, absmax, wrap_triton(_quantize_per_token_fwd))
+    return _quantize_aten(x, absmax)
 
 
 @_quantize_per_token_op.register_fake
-def _(x):
+def _(x, absmax=None):
     check_quantize_input("quantize_per_token", x)
+    check_absmax("quantize_per_token", x, absmax)
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(scale_shape(x), dtype=torch.float32)
 
 
-def quantize_per_token_cpu(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token_cpu(x: torch.Tensor,
+                           absmax: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The op's CPU kernel called directly, skipping the custom-op dispatch (tens of microseconds, which is most of
     a decode step's quantization): for eager CPU callers only; the same results as ``quantize_per_token``."""
-    return _quantize_aten(x)
+    return _quantize_aten(x, absmax)
 
 
-def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor,
+                       absmax: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Symmetric dynamic int8 quantization of each row (last dim) of ``x`` (fp32, bf16 or fp16, any leading dims).
 
-    Returns ``(q, scale)``: ``q`` int8 shaped like ``x`` with ``x ~= q * scale``, ``scale`` fp32 of shape
-    ``x.shape[:-1] + (1,)`` equal to ``max(|row|, 1e-12) / 127``. Computed in fp32; rounding is half to even.
+    Args:
+        x: the activations.
+        absmax: optional per-row maximum magnitude of shape ``x.shape[:-1] + (1,)`` to quantize with instead of the
+            rows' own (e.g. the full row's, all-reduced, when ``x`` is one rank's slice of its features: the codes
+            are then those of the full row); values beyond it clamp to +-127.
+
+    Returns:
+        ``(q, scale)``: ``q`` int8 shaped like ``x`` with ``x ~= q * scale``, ``scale`` fp32 of shape
+        ``x.shape[:-1] + (1,)`` equal to ``max(amax, 1e-12) / 127``, ``amax`` the row's ``max |x|`` or ``absmax``.
+        Computed in fp32; rounding is half to even.
+
+    Raises:
+        ValueError: ``x`` is not fp32 / bf16 / fp16 with a non-empty last dim, or ``absmax`` is not a floating tensor
+            of shape ``x.shape[:-1] + (1,)`` on ``x``'s device.
     """
-    return torch.ops.dsx.quantize_per_token(x)
+    return torch.ops.dsx.quantize_per_token(x, absmax)
