@@ -6,7 +6,8 @@ Public API only; everything here is re-exported from the subpackages.
 from dsx import export, parallel
 from dsx.api import optimize
 from dsx.compress import (
-    Distill, MakePermanent, Prune, PruningSchedule, Sparsify, distill, make_permanent, prune, sparsify,
+    Distill, LayerRule, MakePermanent, Prune, PruningSchedule, Sparsify, distill, make_permanent, prune, register_layer,
+    sparsify,
 )
 from dsx.core.compose import Compose, compose
 from dsx.core.recipe import from_recipe, to_recipe
@@ -25,9 +26,9 @@ from dsx.quant import Convert, Quantize, convert, quantize
 __version__ = "0.1.0"
 
 __all__ = [
-    "Captured", "Compile", "Compose", "Convert", "Distill", "Fuse", "MakePermanent", "Prune", "PruningSchedule",
-    "Quantize", "Report", "Sparsify", "Summary", "Transform", "VerificationError", "available_passes", "capture",
-    "compile_backend", "compose", "convert", "distill", "export", "from_pretrained", "from_recipe", "fusions",
-    "history", "load", "make_permanent", "optimize", "parallel", "prune", "quantize", "report", "save", "sparsify",
-    "summary", "to_recipe",
+    "Captured", "Compile", "Compose", "Convert", "Distill", "Fuse", "LayerRule", "MakePermanent", "Prune",
+    "PruningSchedule", "Quantize", "Report", "Sparsify", "Summary", "Transform", "VerificationError",
+    "available_passes", "capture", "compile_backend", "compose", "convert", "distill", "export", "from_pretrained",
+    "from_recipe", "fusions", "history", "load", "make_permanent", "optimize", "parallel", "prune", "quantize",
+    "register_layer", "report", "save", "sparsify", "summary", "to_recipe",
 ]

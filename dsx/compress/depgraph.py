@@ -319,8 +319,8 @@ def build_depgraph(model: nn.Module, inputs: Inputs, *, skip: Sequence[str] = ()
     graph = tracer.build(skip, out)
     if graph.unruled:
         layers = ", ".join(f"{n} ({c})" for n, c in graph.unruled.items())
-        warnings.warn(f"structured pruning leaves the channels around {layers} unpruned: dsx has no rule for these "
-                      "layers with parameters; teach it how to prune one with dsx.compress.register_layer(cls, rule)",
-                      stacklevel=3)
+        warnings.warn(f"structured pruning leaves the channels around {layers} unpruned: dsx has no rule for that "
+                      "layer type, which holds parameters; teach dsx how to prune it with "
+                      "dsx.compress.register_layer(cls, rule)", stacklevel=3)
     return graph
 
