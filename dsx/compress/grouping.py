@@ -59,7 +59,15 @@ class Group:
 
 
 def components(n: int, pairs: np.ndarray) -> np.ndarray:
-    """The smallest id in each id's connected component, for ``n`` ids joined by ``pairs`` [k, 2]."""
+    """The smallest id in each id's connected component, for ``n`` ids joined by ``pairs``.
+
+    Args:
+        n: the number of ids.
+        pairs: [k, 2] pairs of ids that are one channel.
+
+    Returns:
+        [n] the root id of each id.
+    """
     root = np.arange(n)
     if not len(pairs):
         return root
@@ -78,7 +86,15 @@ def components(n: int, pairs: np.ndarray) -> np.ndarray:
 
 
 def make_groups(claims: list[Claim], pinned: dict[int, str]) -> list[Group]:
-    """Classes touching the same claims the same number of times form a group, in order of first appearance."""
+    """Classes touching the same claims the same number of times form a group, in order of first appearance.
+
+    Args:
+        claims: the claims, their ids already mapped to classes.
+        pinned: class -> why it must stay.
+
+    Returns:
+        The groups rooted at some claim that produces channels; a pinned or unsplittable one carries its reason.
+    """
     footprint: dict[int, list[tuple[int, int]]] = defaultdict(list)
     first: dict[int, tuple[int, int]] = {}
     for ci, c in enumerate(claims):

@@ -303,7 +303,8 @@ _RULES: dict[type, LayerRule] = {
     nn.Linear: LinearRule(), nn.modules.conv._ConvNd: ConvRule(), nn.Embedding: EmbeddingRule(),
     nn.modules.batchnorm._BatchNorm: BatchNormRule(), nn.GroupNorm: GroupNormRule(), nn.LayerNorm: LayerNormRule(),
     nn.RMSNorm: LayerNormRule()}
-"""Layer type -> rule; a layer takes the rule of the first type in its class's MRO that has one."""
+"""Layer type -> rule: the built-in layers here, users' via ``register_layer``; a layer takes the rule of the first
+type in its class's MRO that has one."""
 
 _MATCHED: tuple[tuple[Callable[[nn.Module], Any], LayerRule], ...] = (
     (unit_layout, LayoutRule()), (is_hf_conv1d, HFConv1DRule()), (_is_rmsnorm, NormRule()))

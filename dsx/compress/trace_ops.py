@@ -45,6 +45,14 @@ _SPATIAL = re.compile(r"(adaptive_)?(avg|max|lp)_pool([123])d(_with_indices)?|in
 
 
 def op_name(func: Callable) -> str:
+    """The name the op tables use for ``func``: ``x + y`` is "add", ``x.add_`` is "add", ``x.T`` is "attr:T".
+
+    Args:
+        func: the function a TorchFunctionMode sees.
+
+    Returns:
+        Its table name.
+    """
     owner = getattr(func, "__self__", None)
     if type(owner).__name__ == "getset_descriptor":
         return f"attr:{owner.__name__}"
@@ -57,18 +65,43 @@ def op_name(func: Callable) -> str:
 
 
 def along(ids: np.ndarray | torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
-    """A label of ``ndim`` dims holding ``ids`` along ``dim``."""
+    """A label of ``ndim`` dims holding ``ids`` along ``dim``.
+
+    Args:
+        ids: one channel id per position (-1: fixed).
+        ndim: the labelled tensor's number of dims.
+        dim: the dim holding the channels.
+
+    Returns:
+        The label, size 1 along every other dim.
+    """
     shape = [1] * ndim
     shape[dim] = len(ids)
     return torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(shape)
 
 
 def varying_dims(label: torch.Tensor | None) -> list[int]:
+    """The dims along which ``label`` (None: no label) holds several ids.
+
+    Args:
+        label: a compact label or None.
+
+    Returns:
+        Those dims, in order.
+    """
     return [] if label is None else [d for d in range(label.dim()) if label.shape[d] > 1]
 
 
 def compact(label: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """``label`` with ``len(shape)`` dims, reduced to size 1 along every dim it is constant on."""
+    """``label`` with ``len(shape)`` dims, reduced to size 1 along every dim it is constant on.
+
+    Args:
+        label: a label, possibly with fewer dims than the tensor it labels.
+        shape: that tensor's shape.
+
+    Returns:
+        The compact label.
+    """
     label = label.reshape((1,) * (len(shape) - label.dim()) + tuple(label.shape)) if label.dim() < len(shape) \
         else label
     for d in range(label.dim()):
