@@ -1,6 +1,7 @@
 """Quantized linear layers: plain int8 / float8 weight tensors plus fp32 scales, one class per format.
 
-They hold only buffers (state_dict, safetensors and ``dsx.load`` friendly) and run the dsx kernel ops.
+They hold only buffers (state_dict, safetensors and ``dsx.load`` friendly) and run the dsx kernel ops; each can
+split itself over a device mesh for tensor parallelism (``QuantLinear.shard``).
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
 
 from dsx.core.modules import is_hf_conv1d
 from dsx.kernels.int8_fbgemm import int8_dynamic_mm_fbgemm, int8_scaled_mm_fbgemm, prepack, use_fbgemm
 from dsx.kernels.int8_mm import int8_scaled_mm, int8_scaled_mm_cpu, int8_weight_only_mm
 from dsx.kernels.quantize_fp8 import quantize_fp8_rowwise
-from dsx.kernels.quantize_per_token import quantize_per_token, quantize_per_token_cpu
+from dsx.kernels.quantize_per_token import AMAX_MIN, quantize_per_token, quantize_per_token_cpu
+from dsx.quant.tensor_split import TensorSplit, split_buffers
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
@@ -62,7 +65,14 @@ class QuantLinear(nn.Module, abc.ABC):
     format: ClassVar[str] = ""
     description: ClassVar[str] = ""
     weight_dtype: ClassVar[torch.dtype] = torch.int8
+    SHARD_DIMS: ClassVar[dict[str, dict[str, int | None]]] = {
+        "colwise": {"weight": 0, "weight_scale": 0, "bias": 0},
+        "rowwise": {"weight": 1, "weight_scale": None, "bias": None},
+    }
+    """Per tensor-parallel style, the dim of each buffer split across the ranks (None: every rank holds all of it).
+    colwise splits the output features; rowwise the input features, the bias added once after the all-reduce."""
     _fbgemm: tuple[Any, ...] | None = None
+    split: TensorSplit | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype: torch.dtype = torch.float32,
                  device: Any = None) -> None:
@@ -101,17 +111,84 @@ class QuantLinear(nn.Module, abc.ABC):
         return cached[3]
 
     def extra_repr(self) -> str:
+        where = "" if self.split is None else f", {self.split.style} shard of {self.split.mesh.size()} ranks"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"format={self.format} ({self.description})")
+                f"format={self.format} ({self.description}){where}")
+
+    def shard(self, style: str, mesh: DeviceMesh, chunks: int = 1) -> QuantLinear:
+        """Split this layer over the ranks of a 1-D ``mesh`` for tensor parallelism, in place: it keeps this rank's
+        slices of its buffers (``SHARD_DIMS``) and ``in_features`` / ``out_features`` become the local ones. A
+        collective: every rank calls it, and the mesh rank 0's buffers are the ones split.
+
+        ``colwise``: the input is the whole activation, the output this rank's slice of the features. ``rowwise``:
+        the input is this rank's slice of the features; the ranks' partial products are summed (all-reduce), then
+        the bias added; per-token activation scales use the whole row's maximum (all-reduced), so the integers are
+        those of the unsharded layer. ``state_dict`` gives DTensors of the whole shapes.
+
+        Args:
+            style: ``"colwise"`` or ``"rowwise"``.
+            mesh: a 1-D DeviceMesh.
+            chunks: how many projections a fused layer stacks (colwise: each rank gets its slice of each).
+
+        Returns:
+            This layer.
+
+        Raises:
+            ValueError: an unknown style, a mesh that is not 1-D, a split dim not divisible by the ranks, or a layer
+                already split.
+            TypeError: ``mesh`` is not a DeviceMesh, or the layer holds a buffer ``SHARD_DIMS`` has no dim for.
+        """
+        if self.split is not None:
+            raise ValueError(f"{type(self).__name__} is already a {self.split.style} shard")
+        self.split = split_buffers(self, style, mesh, self.SHARD_DIMS.get(style, {}), chunks)
+        self.out_features, self.in_features = self.weight.shape
+        return self
+
+    @property
+    def partial(self) -> bool:
+        """Whether this is a rowwise shard, whose ``quantized_forward`` is one rank's share of the sum (no bias)."""
+        return self.split is not None and self.split.style == "rowwise"
+
+    def output_bias(self) -> torch.Tensor | None:
+        """The bias ``quantized_forward`` adds: none on a rowwise shard (added once after the all-reduce)."""
+        return None if self.partial else self.bias
+
+    def output_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype of ``quantized_forward``'s GEMM output: ``x``'s, fp32 for a rowwise shard's partial sums."""
+        return torch.float32 if self.partial else x.dtype
+
+    def input_absmax(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """The per-row ``max |x|`` a dynamic activation quantizer must use instead of the rows' own: on a rowwise
+        shard the whole row's (all-reduced over the ranks), else None."""
+        if not self.partial:
+            return None
+        return self.split.all_reduce(rows.abs().amax(-1, keepdim=True).float(), "max")
 
     @abc.abstractmethod
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's output for ``x`` with its quantized arithmetic (no autograd wrapping)."""
+        """The layer's output for ``x`` with its quantized arithmetic (no autograd wrapping); on a rowwise shard
+        this rank's partial product, without the bias."""
+
+    def sharded_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``quantized_forward``, on a rowwise shard summed over the ranks with the bias then added."""
+        out = self.quantized_forward(x)
+        if not self.partial:
+            return out
+        out = self.split.all_reduce(out.float(), "sum")
+        return (out if self.bias is None else out + self.bias.float()).to(x.dtype)
+
+    def input_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """The straight-through gradient of the input: the output's gradient through the dequantized weight (summed
+        over the ranks on a colwise shard, whose ranks each see a slice of the output)."""
+        out = grad @ self.dequantize().to(grad.dtype)
+        if self.split is not None and self.split.style == "colwise":
+            self.split.all_reduce(out, "sum")
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _StraightThrough.apply(x, self)
-        return self.quantized_forward(x)
+        return self.sharded_forward(x)
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
         """Device moves reach every buffer; dtype casts (``.half()``, ``.to(torch.bfloat16)``) reach only the bias:
@@ -137,11 +214,11 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
         ctx.module = module
-        return module.quantized_forward(x)
+        return module.sharded_forward(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad @ ctx.module.dequantize().to(grad.dtype), None
+        return ctx.module.input_grad(grad), None
 
 
 class Int8Linear(QuantLinear):
@@ -152,14 +229,15 @@ class Int8Linear(QuantLinear):
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._rows(x)
-        if eager_cpu(rows) and use_fbgemm(rows, rows.shape[0]):
-            out = int8_dynamic_mm_fbgemm(rows, self._fbgemm_pack(), self.bias)
+        absmax, bias, dtype = self.input_absmax(rows), self.output_bias(), self.output_dtype(x)
+        if absmax is None and eager_cpu(rows) and use_fbgemm(rows, rows.shape[0]):
+            out = int8_dynamic_mm_fbgemm(rows, self._fbgemm_pack(), bias)
         elif eager_cpu(rows):
-            xq, xs = quantize_per_token_cpu(rows)
-            out = int8_scaled_mm_cpu(xq, xs, self.weight.t(), self.weight_scale, self.bias, x.dtype)
+            xq, xs = quantize_per_token_cpu(rows, absmax)
+            out = int8_scaled_mm_cpu(xq, xs, self.weight.t(), self.weight_scale, bias, dtype)
         else:
-            xq, xs = quantize_per_token(rows)
-            out = int8_scaled_mm(xq, xs, self.weight.t(), self.weight_scale, self.bias, x.dtype)
+            xq, xs = quantize_per_token(rows, absmax)
+            out = int8_scaled_mm(xq, xs, self.weight.t(), self.weight_scale, bias, dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -172,6 +250,8 @@ class Int8StaticLinear(QuantLinear):
 
     format = "int8_static"
     description = "calibrated per-tensor int8 activations, per-channel int8 weights"
+    SHARD_DIMS = {style: {**dims, "input_scale": None, "smooth": 0 if style == "rowwise" else None}
+                  for style, dims in QuantLinear.SHARD_DIMS.items()}
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype: torch.dtype = torch.float32,
                  device: Any = None, smooth: bool = False) -> None:
@@ -204,10 +284,11 @@ class Int8StaticLinear(QuantLinear):
             rows = rows * self.smooth
         xq = torch.mul(rows, 1.0 / self.input_scale).round_().clamp_(-127, 127).to(torch.int8)
         xs = self.input_scale.expand(rows.shape[0], 1)
+        bias, dtype = self.output_bias(), self.output_dtype(x)
         if eager_cpu(rows) and use_fbgemm(rows, rows.shape[0]):
-            out = int8_scaled_mm_fbgemm(xq, xs, self._fbgemm_pack(), self.bias, x.dtype)
+            out = int8_scaled_mm_fbgemm(xq, xs, self._fbgemm_pack(), bias, dtype)
         else:
-            out = int8_scaled_mm(xq, xs, self.weight.t(), self.weight_scale, self.bias, x.dtype)
+            out = int8_scaled_mm(xq, xs, self.weight.t(), self.weight_scale, bias, dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -219,7 +300,7 @@ class Int8WeightOnlyLinear(QuantLinear):
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._rows(x)
-        return int8_weight_only_mm(x, self.weight, self.weight_scale, self.bias)
+        return int8_weight_only_mm(x, self.weight, self.weight_scale, self.output_bias())
 
 
 class FP8Linear(QuantLinear):
@@ -235,12 +316,17 @@ class FP8Linear(QuantLinear):
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._rows(x)
-        xq, xs = quantize_fp8_rowwise(rows)
+        absmax, bias = self.input_absmax(rows), self.output_bias()
+        if absmax is None:
+            xq, xs = quantize_fp8_rowwise(rows)
+        else:  # as dsx::quantize_fp8_rowwise, with the whole row's maximum
+            xs = absmax.clamp_min(AMAX_MIN) / FP8_MAX
+            xq = torch.div(rows, xs).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
         out = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.view(1, -1),
-                               **scaled_mm_options(x.device, self.bias))
-        if self.bias is not None and not x.is_cuda:
-            out = out + self.bias.to(out.dtype)
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+                               **scaled_mm_options(x.device, bias))
+        if bias is not None and not x.is_cuda:
+            out = out + bias.to(out.dtype)
+        return out.to(self.output_dtype(x)).reshape(*x.shape[:-1], self.out_features)
 
 
 def scaled_mm_options(device: torch.device, bias: torch.Tensor | None) -> dict[str, Any]:
@@ -268,7 +354,8 @@ class FP8WeightOnlyLinear(QuantLinear):
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._rows(x)
         w = self.weight.to(x.dtype) * self.weight_scale[:, None].to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        bias = self.output_bias()
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 LINEARS: dict[str, type[QuantLinear]] = {
