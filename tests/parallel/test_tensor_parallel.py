@@ -137,12 +137,49 @@ def hf_models(mesh) -> dict:
             full = full_state_dict(tp)
             same = full.keys() == state.keys() and all(torch.equal(full[k], v) for k, v in state.items())
             out[name] = {"out": rel(tp(**kwargs).last_hidden_state, ref), "split": len(plan), "state": same}
-    model, kwargs = tiny_hf("llama")
-    qref = quantized(model, "int8", None)
-    with torch.no_grad():
-        out["llama_int8"] = rel(tensor_parallel(copy.deepcopy(qref), mesh)(**kwargs).last_hidden_state,
-                                qref(**kwargs).last_hidden_state)
+    for name in ("llama", "gpt2"):  # gpt2: Conv1D layers, and c_attn's fused q, k, v split three ways per rank
+        model, kwargs = tiny_hf(name)
+        qref = quantized(model, "int8", None)
+        with torch.no_grad():
+            tp = tensor_parallel(copy.deepcopy(qref), mesh)
+            full = full_state_dict(tp)
+            same = full.keys() == qref.state_dict().keys() and all(
+                torch.equal(full[k], v) for k, v in qref.state_dict().items())
+            out[f"{name}_int8"] = {"out": rel(tp(**kwargs).last_hidden_state, qref(**kwargs).last_hidden_state),
+                                   "state": same}
     return out
+
+
+def shard_api(mesh, world: int, rank: int) -> dict:
+    """``QuantLinear.shard`` alone: state_dict as global DTensors, loading them (or whole tensors) back, refusals."""
+    from torch.distributed.tensor import DTensor
+
+    from dsx.quant.int4 import Int4WeightOnlyLinear
+
+    x = inputs(5, 128)
+    ref = quantized(nn.Sequential(nn.Linear(128, 64)), "int8_static", x)
+    layer = copy.deepcopy(ref[0]).shard("rowwise", mesh)
+    state = layer.state_dict()
+    fresh = copy.deepcopy(ref[0])
+    fresh.weight.zero_()
+    fresh.shard("rowwise", mesh)
+    fresh.load_state_dict(state)
+    whole = copy.deepcopy(ref[0])
+    whole.weight.zero_()
+    whole.shard("rowwise", mesh)
+    whole.load_state_dict(ref[0].state_dict())
+    local = x.chunk(world, -1)[rank]
+    int4 = Int4WeightOnlyLinear.from_float(nn.Linear(128, 64))
+    return {
+        "state": {k: (type(v).__name__, tuple(v.shape)) for k, v in state.items()},
+        "local_weight": tuple(layer.weight.shape), "out": rel(layer(local), ref(x)),
+        "loaded": rel(fresh(local), ref(x)), "loaded_whole": rel(whole(local), ref(x)),
+        "repr": repr(layer).endswith(f"rowwise shard of {world} ranks)"),
+        "twice": error(lambda: layer.shard("colwise", mesh)),
+        "style": error(lambda: copy.deepcopy(ref[0]).shard("diagonal", mesh)),
+        "int4": error(lambda: int4.shard("colwise", mesh)),
+        "dtensor": isinstance(state["weight"], DTensor),
+    }
 
 
 def bad_inputs(mesh) -> dict:
@@ -169,7 +206,7 @@ def run_all(rank: int, world: int) -> dict:
     mesh = init_device_mesh("cpu", (world,))
     return {"float_mlp": float_mlp(mesh), "int8_single": int8_single(mesh, world, rank),
             "quantized_mlps": quantized_mlps(mesh), "default": default_plans(mesh), "hf": hf_models(mesh),
-            "bad": bad_inputs(mesh)}
+            "bad": bad_inputs(mesh), "shard_api": shard_api(mesh, world, rank)}
 
 
 def run_world_one(rank: int, world: int) -> dict:
@@ -220,14 +257,28 @@ def test_default_plan_splits_gated_mlp_block(ranks):
         assert d["block_int8"] <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["llama", "bert", "gpt2", "llama_int8"])
+@pytest.mark.parametrize("name", ["llama", "bert", "gpt2", "llama_int8", "gpt2_int8"])
 def test_default_plan_on_tiny_hf_models(ranks, name):
     for r in ranks:
         result = r["hf"][name]
-        if name == "llama_int8":
-            assert result <= 1e-5
+        if name.endswith("_int8"):
+            assert result["out"] <= 1e-5 and result["state"], result
         else:
             assert result["split"] >= 8 and result["out"] < 1e-5 and result["state"], result
+
+
+def test_shard_keeps_local_buffers_and_global_state_dict(ranks):
+    for r in ranks:
+        api = r["shard_api"]
+        assert api["dtensor"] and api["state"] == {
+            "weight": ("DTensor", (64, 128)), "weight_scale": ("DTensor", (64,)), "bias": ("DTensor", (64,)),
+            "input_scale": ("DTensor", ())}
+        assert api["local_weight"] == (64, 64) and api["repr"]
+        assert api["out"] <= 1e-5 and api["loaded"] == api["out"] and api["loaded_whole"] == api["out"]
+        assert api["twice"] == "ValueError: Int8StaticLinear is already a rowwise shard"
+        assert api["style"] == "ValueError: style: expected one of ('colwise', 'rowwise'), got 'diagonal'"
+        assert api["int4"].startswith("TypeError: Int4WeightOnlyLinear cannot be split colwise: no split dim for its "
+                                      "buffers [") and "'qweight'" in api["int4"]
 
 
 @pytest.mark.parametrize("case, expected", [
