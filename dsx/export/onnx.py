@@ -5,9 +5,10 @@ dsx kernel ops lower to standard ONNX operators (``dsx.export.onnx_ops``), so op
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -118,6 +119,25 @@ def contiguous_views(program: torch.export.ExportedProgram) -> torch.export.Expo
     return program
 
 
+@contextlib.contextmanager
+def batched_experts(model: nn.Module) -> Iterator[None]:
+    """Run a Hugging Face MoE model's experts as batched matmuls while tracing, then restore its setting.
+
+    Under tracing, transformers runs fp32 experts through its own ``transformers::grouped_mm_fallback`` op, which
+    no ONNX translation covers, and its eager loop depends on the data; ``batched_mm`` exports as standard ops.
+    """
+    can_set = getattr(type(model), "_can_set_experts_implementation", None)
+    if not (callable(can_set) and can_set()) or set(model.get_experts_implementation().values()) <= {"batched_mm"}:
+        yield
+        return
+    before = model.get_experts_implementation()
+    model.set_experts_implementation("batched_mm")
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(before)
+
+
 def write_onnx(model: nn.Module, inputs: Inputs, path: Path, *, dynamic_shapes: Any, opset: int | None,
                notes: list[str], input_names: list[str] | None = None,
                output_names: list[str] | None = None) -> torch.export.ExportedProgram:
@@ -144,14 +164,16 @@ def write_onnx(model: nn.Module, inputs: Inputs, path: Path, *, dynamic_shapes: 
                                  opset_version=opset, custom_translation_table=translation_table(opset),
                                  input_names=input_names, output_names=output_names, verbose=False)
 
-    try:
-        program = to_onnx(traced)
-    except Exception as e:
-        if STRIDE_ERROR not in str(e):
-            raise
-        exported = torch.export.export(traced, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-        program = to_onnx(contiguous_views(exported).module())
-        notes.append("views made contiguous (the exporter's decompositions changed an attention output's strides)")
+    with batched_experts(traced):
+        try:
+            program = to_onnx(traced)
+        except Exception as e:
+            if STRIDE_ERROR not in str(e):
+                raise
+            exported = torch.export.export(traced, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            program = to_onnx(contiguous_views(exported).module())
+            notes.append("views made contiguous (the exporter's decompositions changed an attention output's "
+                         "strides)")
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(path)
     onnx.checker.check_model(str(path))
