@@ -1,4 +1,4 @@
-"""Ordered registry of dsx graph passes and the runner that applies them and counts rewrites.
+"""The declared pass pipeline (phases of dsx graph passes, in run order) and the runner that applies them.
 
 A pass is a function ``fn(gm) -> int`` that rewrites the ATen-level graph in place (the IR that
 ``torch.export`` produces) and returns how many rewrites it made; the runner recompiles and lints.
@@ -11,6 +11,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch.fx as fx
 
+from dsx.graph.fx_utils import finish
+from dsx.graph.passes import (
+    add_layer_norm, add_rms_norm, attention, bias_act, fold_batch_norm, gated_mlp, remove_dropout, softmax,
+)
+
 
 @dataclass(frozen=True)
 class GraphPass:
@@ -19,36 +24,40 @@ class GraphPass:
     name: str
     fn: Callable[[fx.GraphModule], int]
     kernel: bool = False
-    doc: str = ""
+
+    @property
+    def doc(self) -> str:
+        """The first line of the pass function's docstring."""
+        return ((self.fn.__doc__ or "").strip().splitlines() or [""])[0]
 
     def __call__(self, gm: fx.GraphModule) -> int:
         return self.fn(gm)
 
 
-_REGISTRY: dict[str, GraphPass] = {}
+STRUCTURAL = (
+    GraphPass("remove_dropout", remove_dropout.remove_dropout),
+    GraphPass("fold_batch_norm", fold_batch_norm.fold_batch_norm),
+    GraphPass("attention_to_sdpa", attention.attention_to_sdpa),
+)
+"""Phase 1, rewrites into plain ATen ops (every device): dropout removal, BatchNorm folding, attention to SDPA."""
 
+KERNELS = (
+    GraphPass("add_layer_norm", add_layer_norm.add_layer_norm, kernel=True),
+    GraphPass("add_rms_norm", add_rms_norm.add_rms_norm, kernel=True),
+    GraphPass("rms_norm", add_rms_norm.rms_norm, kernel=True),
+    GraphPass("gated_mlp", gated_mlp.gated_mlp, kernel=True),
+    GraphPass("bias_act", bias_act.bias_act, kernel=True),
+    GraphPass("scaled_masked_softmax", softmax.scaled_masked_softmax, kernel=True),
+)
+"""Phase 2, fusions into dsx kernel ops: residual norms before lone norms, gated products before bias + act."""
 
-PassFn = Callable[[fx.GraphModule], int]
-
-
-def register(name: str, *, kernel: bool = False) -> Callable[[PassFn], PassFn]:
-    """Decorator adding a pass function to the registry under ``name`` (registration order = run order)."""
-
-    def deco(fn: PassFn) -> PassFn:
-        if name in _REGISTRY:
-            raise ValueError(f"a graph pass named {name!r} is already registered")
-        doc = (fn.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = GraphPass(name, fn, kernel, doc[0] if doc else "")
-        return fn
-
-    return deco
+PASSES: tuple[GraphPass, ...] = (*STRUCTURAL, *KERNELS)
+"""Every pass, in run order."""
 
 
 def available_passes() -> dict[str, GraphPass]:
-    """All registered passes, in run order."""
-    from dsx.graph import passes  # noqa: F401  (registers the built-in passes)
-
-    return dict(_REGISTRY)
+    """All passes by name, in run order."""
+    return {p.name: p for p in PASSES}
 
 
 def resolve(passes: str | Iterable[str] | None = None, *, device: str = "cuda") -> list[GraphPass]:
@@ -96,7 +105,5 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[GraphPass]) -> dict[str, int
         n = int(p(gm))
         counts[p.name] = n
         if n:
-            gm.graph.eliminate_dead_code()
-            gm.graph.lint()
-            gm.recompile()
+            finish(gm)
     return counts

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -50,3 +52,16 @@ def test_passes_of_another_type_are_a_clear_type_error(make):
 def test_fuse_dynamic_batch_must_be_a_boolean():
     with pytest.raises(TypeError, match="dynamic_batch: expected True or False, got 'yes'"):
         dsx.Fuse(dynamic_batch="yes")
+
+
+def test_passes_do_not_import_the_manager():
+    """The run order is declared once in pass_manager.PASSES; a pass module knows nothing of it."""
+    import dsx.graph.passes as pkg
+    from dsx.graph import pass_manager
+
+    sources = list(Path(pkg.__file__).parent.glob("*.py"))
+    assert len(sources) > 5
+    for path in sources:
+        assert "import pass_manager" not in path.read_text() and "pass_manager import" not in path.read_text(), path
+    assert [p.name for p in pass_manager.STRUCTURAL] == EXPECTED[:3]
+    assert all(p.kernel for p in pass_manager.KERNELS) and not any(p.kernel for p in pass_manager.STRUCTURAL)

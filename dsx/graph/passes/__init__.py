@@ -1,15 +1,4 @@
-"""The built-in graph passes; importing this package registers them, in run order.
+"""The built-in graph passes, one per module; ``dsx.graph.pass_manager`` declares their run order.
 
-Structural rewrites first (dropout removal, BatchNorm folding, attention to SDPA), then kernel fusions.
+Each module holds its pattern and rewrite only; shared matching helpers live in ``dsx.graph.fx_utils``.
 """
-
-from dsx.graph.passes import (  # noqa: F401  (import order is run order)
-    remove_dropout,
-    fold_batch_norm,
-    attention,
-    add_layer_norm,
-    add_rms_norm,
-    gated_mlp,
-    bias_act,
-    softmax,
-)

@@ -11,10 +11,9 @@ import torch
 import torch.fx as fx
 
 import dsx.kernels.add_rms_norm  # noqa: F401  (registers torch.ops.dsx.add_rms_norm / rms_norm)
-from dsx.graph.fx_utils import arg, is_call, tensor_meta
-from dsx.graph.pass_manager import register
-from dsx.graph.passes.add_layer_norm import (
-    ASSERT, defined_before, drop, fuse_residual, is_row_vector, residual_operands,
+from dsx.graph.fx_utils import (
+    ASSERT, arg, defined_before, erase_dead, fuse_residual, is_call, is_row_vector, other_operand,
+    residual_operands, tensor_meta,
 )
 
 aten = torch.ops.aten
@@ -38,11 +37,6 @@ def _users(node: fx.Node) -> list[fx.Node]:
 def _sole_user(node: fx.Node, target: Any) -> fx.Node | None:
     users = _users(node)
     return users[0] if len(users) == 1 and is_call(users[0], target) else None
-
-
-def _other(node: fx.Node, known: fx.Node) -> Any:
-    a, b = node.args[:2]
-    return b if a is known else a
 
 
 def _match_aten(node: fx.Node) -> RMSNormMatch | None:
@@ -78,7 +72,7 @@ def _match_decomposed(rsqrt: fx.Node) -> RMSNormMatch | None:
     if dims not in ([-1], [xv.dim() - 1]) or not keepdim or arg(mean, 3, "dtype") is not None:
         return None
     mul = _sole_user(rsqrt, aten.mul.Tensor)
-    if mul is None or _other(mul, rsqrt) not in (h, x):
+    if mul is None or other_operand(mul, rsqrt) not in (h, x):
         return None
     pattern, out, weight = [pow_, mean, eps_add, rsqrt, mul], mul, None
     down = _sole_user(out, aten.to.dtype)
@@ -88,7 +82,7 @@ def _match_decomposed(rsqrt: fx.Node) -> RMSNormMatch | None:
     if tensor_meta(out).dtype != xv.dtype:  # the normalized value must be rounded to x's dtype before * weight
         return None
     scale = _sole_user(out, aten.mul.Tensor)
-    w = None if scale is None else _other(scale, out)
+    w = None if scale is None else other_operand(scale, out)
     if isinstance(w, fx.Node) and w is not out and is_row_vector(w, n):
         pattern.append(scale)
         weight, out = w, scale
@@ -113,7 +107,6 @@ def _bypass_noop_cast(match: RMSNormMatch) -> None:
         match.cast.replace_all_uses_with(match.x)
 
 
-@register("add_rms_norm", kernel=True)
 def add_rms_norm(gm: fx.GraphModule) -> int:
     """Fuse ``add(a, b)`` feeding an RMSNorm over the last dim into ``dsx.add_rms_norm``."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -132,7 +125,6 @@ def add_rms_norm(gm: fx.GraphModule) -> int:
     return count
 
 
-@register("rms_norm", kernel=True)
 def rms_norm(gm: fx.GraphModule) -> int:
     """Replace each remaining RMSNorm over the last dim (no fusable residual add) with ``dsx.rms_norm``."""
     count = 0
@@ -145,6 +137,6 @@ def rms_norm(gm: fx.GraphModule) -> int:
         fused.meta["val"] = match.out.meta["val"]
         match.out.replace_all_uses_with(fused)
         _bypass_noop_cast(match)
-        drop(gm, match.pattern)
+        erase_dead(gm, match.pattern)
         count += 1
     return count

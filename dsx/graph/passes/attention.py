@@ -12,7 +12,6 @@ import torch
 import torch.fx as fx
 
 from dsx.graph.fx_utils import arg, is_call, tensor_meta
-from dsx.graph.pass_manager import register
 
 aten = torch.ops.aten
 
@@ -156,7 +155,6 @@ def _rewrite(gm: fx.GraphModule, m: _Match) -> None:
         g.erase_node(node)
 
 
-@register("attention_to_sdpa")
 def attention_to_sdpa(gm: fx.GraphModule) -> int:
     """Rewrite matmul(q, kT) [* scale] [+ mask] -> softmax -> matmul(p, v) into scaled_dot_product_attention."""
     count = 0

@@ -12,7 +12,6 @@ import torch
 import torch.fx as fx
 
 from dsx.graph.fx_utils import add_constant, arg, get_constant, is_call, only_user, tensor_meta
-from dsx.graph.pass_manager import register
 
 aten = torch.ops.aten
 
@@ -109,7 +108,6 @@ def _fold_ops(gm: fx.GraphModule, layer: fx.Node, w: fx.Node, b: fx.Node | None,
     _set(layer, 2, "bias", new_b)
 
 
-@register("fold_batch_norm")
 def fold_batch_norm(gm: fx.GraphModule) -> int:
     """Fold eval-mode BatchNorm into the preceding conv / linear (constant weights, or graph ops on weight inputs)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

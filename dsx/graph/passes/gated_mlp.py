@@ -5,49 +5,50 @@ Llama-style MLPs compute ``down(act(gate(x)) * up(x))``; the fused op never stor
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.fx as fx
 
 import dsx.kernels.gated_act  # noqa: F401  (registers torch.ops.dsx.gated_act)
-from dsx.graph.fx_utils import arg, erase_dead, is_call, only_user, tensor_meta
-from dsx.graph.pass_manager import register
+from dsx.graph.fx_utils import Rewrite, rewrite, tensor_meta
 
 aten = torch.ops.aten
 
-
-def activation_name(node: object) -> str | None:
-    """The ``dsx`` activation name of a ``silu`` / ``gelu`` node ("silu", "gelu", "gelu_tanh"), else None."""
-    if is_call(node, aten.silu.default):
-        return "silu"
-    if is_call(node, aten.gelu.default):
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(arg(node, 1, "approximate", "none"))
-    return None
+ACTIVATIONS: dict[str, Callable[[Any], Any]] = {
+    "silu": aten.silu.default,
+    "gelu": aten.gelu.default,
+    "gelu_tanh": lambda a: aten.gelu.default(a, approximate="tanh"),
+}
+"""The gate activations ``dsx.gated_act`` computes, by its name for them, as the ATen call they match."""
 
 
-def _same_tensors(*nodes: object) -> bool:
-    """Whether all nodes carry floating tensors of one shape, dtype and device."""
-    vals = [tensor_meta(n) for n in nodes]
+def _same_tensors(bound: dict[str, Any], out: fx.Node) -> bool:
+    """Whether ``a``, ``b`` and the product are floating tensors of one shape, dtype and device."""
+    vals = [tensor_meta(n) for n in (bound["a"], bound["b"], out)]
     if any(v is None for v in vals) or not vals[0].dtype.is_floating_point:
         return False
     return all(v.shape == vals[0].shape and v.dtype == vals[0].dtype and v.device == vals[0].device for v in vals)
 
 
-@register("gated_mlp", kernel=True)
+def _rewrites(name: str, act: Callable[[Any], Any]) -> list[Rewrite]:
+    """``act(a) * b`` and ``b * act(a)`` -> ``dsx.gated_act(a, b, name)``."""
+
+    def gate_first(a: Any, b: Any) -> Any:
+        return aten.mul.Tensor(act(a), b)
+
+    def gate_last(a: Any, b: Any) -> Any:
+        return aten.mul.Tensor(b, act(a))
+
+    def fused(bound: dict[str, Any]) -> Callable[[Any, Any], Any]:
+        return lambda a, b: torch.ops.dsx.gated_act.default(a, b, name)
+
+    return [Rewrite(gate_first, fused, _same_tensors), Rewrite(gate_last, fused, _same_tensors)]
+
+
+REWRITES = [rw for name, act in ACTIVATIONS.items() for rw in _rewrites(name, act)]
+
+
 def gated_mlp(gm: fx.GraphModule) -> int:
     """Fuse ``act(a) * b`` (act = silu or gelu, a and b of one shape) into ``dsx.gated_act(a, b, act)``."""
-    count = 0
-    for mul in list(gm.graph.nodes):
-        if not is_call(mul, aten.mul.Tensor) or len(mul.args) != 2 or mul.kwargs:
-            continue
-        for act_node, up in (mul.args, mul.args[::-1]):
-            act = activation_name(act_node)
-            if act is None or only_user(act_node) is not mul or not _same_tensors(act_node.args[0], up, mul):
-                continue
-            with gm.graph.inserting_before(mul):
-                fused = gm.graph.call_function(torch.ops.dsx.gated_act.default, (act_node.args[0], up, act))
-            fused.meta["val"] = mul.meta["val"]
-            mul.replace_all_uses_with(fused)
-            erase_dead(gm, [act_node, mul])
-            count += 1
-            break
-    return count
+    return rewrite(gm, REWRITES)

@@ -11,7 +11,6 @@ import torch
 import torch.fx as fx
 
 from dsx.graph.fx_utils import arg, is_call
-from dsx.graph.pass_manager import register
 
 aten = torch.ops.aten
 
@@ -35,7 +34,6 @@ def _remove_native_dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
     return True
 
 
-@register("remove_dropout")
 def remove_dropout(gm: fx.GraphModule) -> int:
     """Remove eval-mode / p=0 dropout and aten.alias nodes, rewiring their users to the input."""
     count = 0

@@ -6,28 +6,23 @@ Attention scores left outside SDPA are otherwise scaled, masked and normalized i
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
 import dsx.kernels.softmax  # noqa: F401  (registers torch.ops.dsx.scaled_masked_softmax)
-from dsx.graph.fx_utils import arg, erase_dead, is_call, only_user, tensor_meta
-from dsx.graph.pass_manager import register
+from dsx.graph.fx_utils import Rewrite, rewrite, tensor_meta
 
 aten = torch.ops.aten
 
 
-def _scaled(node: Any, user: fx.Node) -> tuple[fx.Node, float] | None:
-    """``(x, scale)`` when ``node`` is ``x * c`` or ``x / c`` (c a finite non-zero number) read only by ``user``."""
-    if not is_call(node, aten.mul.Tensor, aten.div.Tensor) or node.kwargs or only_user(node) is not user:
+def _scale(bound: dict[str, Any], divide: bool) -> float | None:
+    """The scale ``x * c`` (or ``x / c``) applies: c must be a finite non-zero number."""
+    c = bound.get("c", 1.0)
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c == 0:
         return None
-    x, c = node.args
-    if not isinstance(x, fx.Node) or isinstance(c, bool) or not isinstance(c, (int, float)):
-        return None
-    if not math.isfinite(c) or c == 0:
-        return None
-    return x, float(c) if node.target == aten.mul.Tensor else 1.0 / c
+    return 1.0 / c if divide else float(c)
 
 
 def _broadcasts_to(mask: Any, shape: torch.Size) -> bool:
@@ -38,49 +33,71 @@ def _broadcasts_to(mask: Any, shape: torch.Size) -> bool:
     return all(m in (1, n) for m, n in zip(reversed(val.shape), reversed(shape)))
 
 
-def _operands(inp: Any, softmax: fx.Node) -> tuple[fx.Node, fx.Node | None, float, list[fx.Node]] | None:
-    """``(x, mask, scale, pattern nodes)`` for a softmax input ``x * c``, ``x * c + mask`` or ``x + mask``."""
-    scaled = _scaled(inp, softmax)
-    if scaled is not None:
-        return scaled[0], None, scaled[1], [inp]
-    if not is_call(inp, aten.add.Tensor) or len(inp.args) != 2 or inp.kwargs or only_user(inp) is not softmax:
-        return None
-    shape = tensor_meta(inp).shape
-    for a, mask in (inp.args, inp.args[::-1]):
-        if not _broadcasts_to(mask, shape):
-            continue
-        scaled = _scaled(a, inp)
-        if scaled is not None:
-            return scaled[0], mask, scaled[1], [a, inp]
-        if isinstance(a, fx.Node) and getattr(tensor_meta(a), "shape", None) == shape:
-            return a, mask, 1.0, [inp]
-    return None
+def _checker(divide: bool) -> Callable[[dict[str, Any], fx.Node], bool]:
+    """The check: a last-dim softmax that keeps x's shape and dtype, a valid scale, a mask that broadcasts."""
+
+    def check(bound: dict[str, Any], out: fx.Node) -> bool:
+        x, in_val, out_val = bound["x"], tensor_meta(out.args[0]), tensor_meta(out)
+        x_val = tensor_meta(x)
+        if x_val is None or in_val is None or out_val is None or bound["dim"] not in (-1, in_val.dim() - 1):
+            return False
+        if bound["dtype"] not in (None, in_val.dtype) or _scale(bound, divide) is None:
+            return False
+        if "mask" in bound and not _broadcasts_to(bound["mask"], in_val.shape):
+            return False
+        return x_val.shape == in_val.shape and x_val.dtype == in_val.dtype == out_val.dtype
+
+    return check
 
 
-@register("scaled_masked_softmax", kernel=True)
+def _softmax(scores: Any, dim: Any, dtype: Any) -> Any:
+    return aten.softmax.int(scores, dim, dtype)
+
+
+def _scaled_rewrites(scale: Callable[[Any, Any], Any], divide: bool) -> list[Rewrite]:
+    """``softmax(scale(x, c) + mask)`` (mask on either side) and ``softmax(scale(x, c))``."""
+
+    def mask_last(x: Any, c: Any, mask: Any, dim: Any, dtype: Any) -> Any:
+        return _softmax(aten.add.Tensor(scale(x, c), mask), dim, dtype)
+
+    def mask_first(x: Any, c: Any, mask: Any, dim: Any, dtype: Any) -> Any:
+        return _softmax(aten.add.Tensor(mask, scale(x, c)), dim, dtype)
+
+    def unmasked(x: Any, c: Any, dim: Any, dtype: Any) -> Any:
+        return _softmax(scale(x, c), dim, dtype)
+
+    def masked(bound: dict[str, Any]) -> Callable[..., Any]:
+        return lambda x, c, mask, dim, dtype: FUSED(x, mask, _scale(bound, divide))
+
+    def plain(bound: dict[str, Any]) -> Callable[..., Any]:
+        return lambda x, c, dim, dtype: FUSED(x, None, _scale(bound, divide))
+
+    check = _checker(divide)
+    return [Rewrite(mask_last, masked, check), Rewrite(mask_first, masked, check), Rewrite(unmasked, plain, check)]
+
+
+def _mask_last(x: Any, mask: Any, dim: Any, dtype: Any) -> Any:
+    return _softmax(aten.add.Tensor(x, mask), dim, dtype)
+
+
+def _mask_first(x: Any, mask: Any, dim: Any, dtype: Any) -> Any:
+    return _softmax(aten.add.Tensor(mask, x), dim, dtype)
+
+
+def _mask_only(bound: dict[str, Any]) -> Callable[..., Any]:
+    return lambda x, mask, dim, dtype: FUSED(x, mask, 1.0)
+
+
+FUSED = torch.ops.dsx.scaled_masked_softmax.default
+REWRITES = [
+    *_scaled_rewrites(aten.mul.Tensor, divide=False),
+    *_scaled_rewrites(aten.div.Tensor, divide=True),
+    Rewrite(_mask_last, _mask_only, _checker(False)),
+    Rewrite(_mask_first, _mask_only, _checker(False)),
+]
+"""Scaled forms first, so an ``x * c + mask`` is fused whole before the mask-only forms see it."""
+
+
 def scaled_masked_softmax(gm: fx.GraphModule) -> int:
     """Fuse ``softmax(x * c + mask, -1)``, ``softmax(x * c, -1)``, ``softmax(x + mask, -1)`` into one dsx op."""
-    count = 0
-    for softmax in list(gm.graph.nodes):
-        if not is_call(softmax, aten.softmax.int):
-            continue
-        inp, out = softmax.args[0], tensor_meta(softmax)
-        in_val = tensor_meta(inp)
-        if in_val is None or out is None or arg(softmax, 1, "dim") not in (-1, in_val.dim() - 1):
-            continue
-        if arg(softmax, 2, "dtype") not in (None, in_val.dtype):
-            continue
-        match = _operands(inp, softmax)
-        if match is None:
-            continue
-        x, mask, scale, pattern = match
-        x_val = tensor_meta(x)
-        if x_val is None or x_val.shape != in_val.shape or not x_val.dtype == in_val.dtype == out.dtype:
-            continue
-        with gm.graph.inserting_before(softmax):
-            fused = gm.graph.call_function(torch.ops.dsx.scaled_masked_softmax.default, (x, mask, scale))
-        fused.meta["val"] = softmax.meta["val"]
-        softmax.replace_all_uses_with(fused)
-        erase_dead(gm, [*pattern, softmax])
-        count += 1
-    return count
+    return rewrite(gm, REWRITES)

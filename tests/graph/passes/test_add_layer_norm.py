@@ -9,6 +9,7 @@ from torch.export.graph_signature import InputKind
 
 from dsx.graph.fx_utils import finish
 from dsx.graph.passes.add_layer_norm import add_layer_norm
+from tests.graph.pass_testing import export, randomize, rel_err, targets
 
 aten = torch.ops.aten
 FUSED = torch.ops.dsx.add_layer_norm.default
@@ -37,23 +38,12 @@ class NativeLayerNorm(nn.Module):
         return torch.native_layer_norm(x + r, [x.shape[-1]], self.weight, self.bias, 1e-5)[0]
 
 
-def export(module: nn.Module, *args) -> torch.fx.GraphModule:
-    return torch.export.export(module.eval(), args, strict=False).module()
 
 
-def targets(gm: torch.fx.GraphModule) -> list:
-    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
-def randomize(module: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_()
-    return module
 
 
 def test_pre_norm_block_fused_and_matches_eager():

@@ -8,6 +8,7 @@ from dsx.graph.fx_utils import finish
 from dsx.graph.passes.attention import attention_to_sdpa
 from dsx.graph.passes.fold_batch_norm import fold_batch_norm
 from dsx.graph.passes.remove_dropout import remove_dropout
+from tests.graph.pass_testing import export, rel_err
 from tests.hf_models import tiny_hf
 
 aten = torch.ops.aten
@@ -46,12 +47,8 @@ def _inputs(dtype=torch.float32, kt=False):
     return q, (k.transpose(-2, -1).contiguous() if kt else k), v, mask
 
 
-def _rel(out, ref):
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item()
-
-
 def _run(m, args):
-    gm = torch.export.export(m, args, strict=False).module()
+    gm = export(m, *args)
     n = attention_to_sdpa(gm)
     finish(gm)
     return gm, n
@@ -75,7 +72,7 @@ def test_manual_attention_becomes_sdpa(kind, dtype, scale, masked):
     assert (node.kwargs["attn_mask"] is not None) == masked
     assert node.meta["val"].shape == (2, 3, 5, 6)
     assert not any(n.target in (aten.softmax.int, aten.matmul.default) for n in gm.graph.nodes)
-    assert _rel(gm(*args), m(*args)) < (2e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert rel_err(gm(*args), m(*args)) < (2e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 class Unsafe(nn.Module):
@@ -151,7 +148,7 @@ def test_hf_models(name):
     assert not any(n.target is aten.softmax.int for n in gm.graph.nodes)
     with torch.no_grad():
         ref, out = model(**kw)[0], gm(**kw)[0]
-    assert _rel(out, ref) < 1e-4
+    assert rel_err(out, ref) < 1e-4
 
 
 def test_hf_output_attentions_not_rewritten():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dsx.graph.passes.bias_act import bias_act
 from tests.hf_models import tiny_hf
+from tests.graph.pass_testing import export, fused_nodes, rel_err, targets
 
 aten = torch.ops.aten
 BIAS_ACT = torch.ops.dsx.bias_act.default
@@ -21,20 +22,12 @@ ACTS = {
 }
 
 
-def export(model: nn.Module, *args, **kwargs) -> torch.fx.GraphModule:
-    return torch.export.export(model, args, kwargs, strict=False).module()
 
 
-def targets(gm: torch.fx.GraphModule) -> list:
-    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
 
-def fused_nodes(gm: torch.fx.GraphModule) -> list:
-    return [n for n in gm.graph.nodes if n.target == BIAS_ACT]
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
 def run(model: nn.Module, *args, expected: int) -> torch.fx.GraphModule:
@@ -64,7 +57,7 @@ class LinearAct(nn.Module):
 def test_linear_bias_activation(name):
     act, old = ACTS[name]
     gm = run(LinearAct(act).eval(), torch.randn(2, 3, 8), expected=1)
-    (fused,) = fused_nodes(gm)
+    (fused,) = fused_nodes(gm, BIAS_ACT)
     linear = fused.args[0]
     assert fused.args[2] == name and fused.meta["val"].shape == (2, 3, 12)
     assert linear.target == aten.linear.default and len(linear.args) == 2 and not linear.kwargs
@@ -101,7 +94,7 @@ class AddmmGeluNew(nn.Module):
 
 def test_addmm_view_gelu_new():
     gm = run(AddmmGeluNew(), torch.randn(2, 3, 8), expected=1)
-    assert fused_nodes(gm)[0].args[2] == "gelu_tanh"
+    assert fused_nodes(gm, BIAS_ACT)[0].args[2] == "gelu_tanh"
     for gone in (aten.addmm.default, aten.tanh.default, aten.pow.Tensor_Scalar, aten.mul.Tensor):
         assert gone not in targets(gm)
     assert aten.mm.default in targets(gm)
@@ -125,7 +118,7 @@ def test_tiny_gpt2_mlps_fused():
     assert bias_act(gm) == 2
     gm.graph.lint()
     gm.recompile()
-    assert all(n.args[2] == "gelu_tanh" for n in fused_nodes(gm)) and aten.tanh.default not in targets(gm)
+    assert all(n.args[2] == "gelu_tanh" for n in fused_nodes(gm, BIAS_ACT)) and aten.tanh.default not in targets(gm)
     with torch.no_grad():
         out = gm(**kwargs, use_cache=False).last_hidden_state
         assert rel_err(out, model(**kwargs).last_hidden_state) < 1e-5

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from dsx.graph.fx_utils import finish
 from dsx.graph.passes.fold_batch_norm import fold_batch_norm
+from tests.graph.pass_testing import rel_err
 
 aten = torch.ops.aten
 BN_OPS = {aten.batch_norm.default, aten.native_batch_norm.default, aten._native_batch_norm_legit_no_training.default}
@@ -39,10 +40,6 @@ def _randomize(m: nn.Module) -> nn.Module:
     return m.eval()
 
 
-def _rel(out, ref):
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-
-
 def _bn_nodes(gm):
     return [n for n in gm.graph.nodes if n.target in BN_OPS]
 
@@ -65,7 +62,7 @@ def test_fold_constants_matches_eager():
     assert not any(n.target in (aten.rsqrt.default, aten.mul.Tensor) for n in gm.graph.nodes)
     assert len(list(gm.parameters())) == n_params + 8
     with torch.no_grad():
-        assert _rel(gm(x), m(x)) < 1e-5
+        assert rel_err(gm(x), m(x)) < 1e-5
 
 
 def test_fold_decomposed_convolution_form():
@@ -78,7 +75,7 @@ def test_fold_decomposed_convolution_form():
     finish(gm)
     assert not _bn_nodes(gm)
     with torch.no_grad():
-        assert _rel(gm(x), m(x)) < 1e-5
+        assert rel_err(gm(x), m(x)) < 1e-5
 
 
 class Functional(nn.Module):
@@ -106,7 +103,7 @@ def test_fold_placeholder_weights_as_graph_ops():
         if n.target in (aten.conv2d.default, aten.linear.default):
             assert n.args[1].op == "call_function" and n.args[2].op == "call_function"
     with torch.no_grad():
-        assert _rel(gm(params, x), m(x)) < 1e-5
+        assert rel_err(gm(params, x), m(x)) < 1e-5
     # gradients reach the original weights through the folded graph ops
     out = gm(params, x)
     (out ** 2).sum().backward()

@@ -8,21 +8,16 @@ import torch.nn.functional as F
 
 from dsx.graph.passes.gated_mlp import gated_mlp
 from tests.hf_models import tiny_hf
+from tests.graph.pass_testing import export, rel_err, targets
 
 aten = torch.ops.aten
 GATED = torch.ops.dsx.gated_act.default
 
 
-def export(model: nn.Module, *args, **kwargs) -> torch.fx.GraphModule:
-    return torch.export.export(model, args, kwargs, strict=False).module()
 
 
-def targets(gm: torch.fx.GraphModule) -> list:
-    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
 class GatedMLP(nn.Module):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dsx.graph.fx_utils import finish
 from dsx.graph.passes.remove_dropout import remove_dropout
+from tests.graph.pass_testing import export, targets
 
 aten = torch.ops.aten
 DROPOUT_OPS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
@@ -25,27 +26,19 @@ class Dropouts(nn.Module):
         return aten.alias(F.dropout(y, 0.0, training=True)) * 2
 
 
-def _ops(gm):
-    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
-
-
-def _export(m, x):
-    return torch.export.export(m, (x,), strict=False).module()
-
-
 def test_eval_dropout_p0_and_alias_removed():
     x = torch.randn(2, 3, 4, 4)
     m = Dropouts().eval()
-    gm = _export(m, x)
+    gm = export(m, x)
     assert remove_dropout(gm) == 6
     finish(gm)
-    assert not DROPOUT_OPS & set(_ops(gm))
+    assert not DROPOUT_OPS & set(targets(gm))
     torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)
 
 
 def test_training_dropout_kept():
     x = torch.randn(2, 3, 4, 4)
-    gm = _export(Dropouts().train(), x)
+    gm = export(Dropouts().train(), x)
     # only the p=0 dropout and the alias are no-ops in training mode
     assert remove_dropout(gm) == 2
     finish(gm)
@@ -68,9 +61,9 @@ def test_native_dropout(train, use_mask, removed):
     x = torch.randn(5, 7)
     assert remove_dropout(gm) == removed
     finish(gm)
-    assert (aten.native_dropout.default in _ops(gm)) == (not removed)
+    assert (aten.native_dropout.default in targets(gm)) == (not removed)
     if removed:
-        assert operator.getitem not in _ops(gm)
+        assert operator.getitem not in targets(gm)
         torch.testing.assert_close(gm(x), x + 1)
 
 
@@ -81,7 +74,7 @@ def test_dropout_feeding_output_and_several_users():
             return y, y * 3
 
     x = torch.randn(4, 8)
-    gm = _export(M(), x)
+    gm = export(M(), x)
     assert remove_dropout(gm) == 1
     finish(gm)
     out = gm(x)

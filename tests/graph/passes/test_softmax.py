@@ -8,25 +8,18 @@ import torch.nn as nn
 
 from dsx.graph.passes.softmax import scaled_masked_softmax
 from tests.hf_models import tiny_hf
+from tests.graph.pass_testing import export, fused_nodes, rel_err, targets
 
 aten = torch.ops.aten
 SOFTMAX = torch.ops.dsx.scaled_masked_softmax.default
 
 
-def export(model: nn.Module, *args, **kwargs) -> torch.fx.GraphModule:
-    return torch.export.export(model, args, kwargs, strict=False).module()
 
 
-def targets(gm: torch.fx.GraphModule) -> list:
-    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
 
-def fused_nodes(gm: torch.fx.GraphModule) -> list:
-    return [n for n in gm.graph.nodes if n.target == SOFTMAX]
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
 class Fn(nn.Module):
@@ -59,7 +52,7 @@ def test_fuses_supported_forms(case, mask_shape):
     assert scaled_masked_softmax(gm) == 1
     gm.graph.lint()
     gm.recompile()
-    (fused,) = fused_nodes(gm)
+    (fused,) = fused_nodes(gm, SOFTMAX)
     assert fused.args[0].op == "placeholder" and (fused.args[1] is not None) == has_mask
     assert fused.args[2] == pytest.approx(scale) and fused.meta["val"].shape == X
     remaining = targets(gm)
@@ -77,7 +70,7 @@ def test_tiny_hf_eager_attention():
         gm.graph.lint()
         gm.recompile()
         assert aten.softmax.int not in targets(gm)
-        assert all(n.args[1] is not None and n.args[2] == 0.25 for n in fused_nodes(gm))
+        assert all(n.args[1] is not None and n.args[2] == 0.25 for n in fused_nodes(gm, SOFTMAX))
         with torch.no_grad():
             assert rel_err(gm(**kwargs, **extra).last_hidden_state, model(**kwargs).last_hidden_state) < 1e-5
 
@@ -88,7 +81,7 @@ def test_mask_then_scale_keeps_the_mask_add():
     gm = export(model, x, m)
     assert scaled_masked_softmax(gm) == 1
     gm.recompile()
-    (fused,) = fused_nodes(gm)
+    (fused,) = fused_nodes(gm, SOFTMAX)
     assert fused.args[0].target == aten.add.Tensor and fused.args[1] is None and fused.args[2] == 0.5
     assert rel_err(gm(x, m), model(x, m)) < 1e-5
 
@@ -98,7 +91,7 @@ def test_shared_scaled_scores_keep_their_mul():
     gm = export(model, x, m)
     assert scaled_masked_softmax(gm) == 1
     gm.recompile()
-    (fused,) = fused_nodes(gm)
+    (fused,) = fused_nodes(gm, SOFTMAX)
     assert fused.args[0].target == aten.mul.Tensor and fused.args[2] == 1.0 and aten.mul.Tensor in targets(gm)
     assert rel_err(gm(x, m), model(x, m)) < 1e-5
 
