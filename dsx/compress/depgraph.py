@@ -6,7 +6,6 @@ layers claim the dims of their weights (``layer_rules``), and channels reaching 
 
 from __future__ import annotations
 
-import re
 import warnings
 import weakref
 from collections import defaultdict
@@ -22,6 +21,7 @@ from dsx.compress.grouping import Claim, Group, components, make_groups
 from dsx.compress.hf import HeadLayout
 from dsx.compress.layer_rules import LayerRule, rule_for
 from dsx.compress.trace_ops import OpTracing, along, compact, op_name, varying_dims
+from dsx.core.checks import matches
 from dsx.core.inputs import Inputs, run_model, tensor_leaves
 from dsx.core.transform import eval_mode
 
@@ -43,15 +43,6 @@ class DepGraph:
     layouts: dict[str, HeadLayout] = field(default_factory=dict)
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
     unruled: dict[str, str] = field(default_factory=dict)
-
-
-def matches(name: str, pattern: str) -> bool:
-    """``pattern`` names ``name`` or one of its parents, or is ``"re:<regex>"`` fully matching one of them."""
-    parts = name.split(".")
-    names = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if name else [""]
-    if pattern.startswith("re:"):
-        return any(re.fullmatch(pattern[3:], n) for n in names)
-    return pattern in names
 
 
 class Tracer(OpTracing, TorchFunctionMode):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
-from dsx.core.checks import check_flag
+from dsx.core.checks import check_flag, check_positive_int
 from dsx.core.inputs import (
     Inputs, check_finite_parameters, check_module, model_device, normalize_inputs, tensor_leaves,
 )
@@ -359,8 +359,7 @@ class Distill(Transform):
     def __post_init__(self) -> None:
         _check_weights(self.temperature, self.alpha)
         self.features = _check_features(self.features)
-        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
-            raise ValueError(f"epochs: expected a positive integer, got {self.epochs!r}")
+        check_positive_int("epochs", self.epochs)
         if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not self.lr > 0:
             raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
         if self.teacher is not None:

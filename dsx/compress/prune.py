@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from dsx.compress.masks import apply_mask, count_nonzero, get_mask, source, sparsity
 from dsx.compress.unstructured import IMPORTANCES, SCOPES, is_prunable, magnitude_prune, select_layers
-from dsx.core.checks import check_names
+from dsx.core.checks import check_names, check_positive_int
 from dsx.core.inputs import Inputs
 from dsx.core.transform import Transform
 
@@ -81,9 +81,7 @@ class Prune(Transform):
                                  ("plan", self.plan)):
                 if value is not None:
                     raise ValueError(f"{field}: only structured pruning uses it; pass structured=True")
-        if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
-                                          or self.round_to < 1):
-            raise ValueError(f"round_to: expected a positive int or None, got {self.round_to!r}")
+        check_positive_int("round_to", self.round_to, optional=True)
         check_max_error(self.max_error)
         self._resolved: dict[str, Any] | None = None
 

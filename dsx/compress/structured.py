@@ -15,11 +15,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dsx.compress.depgraph import DepGraph, Group, build_depgraph, matches
+from dsx.compress.depgraph import DepGraph, Group, build_depgraph
 from dsx.compress.hf import sync_config
 from dsx.compress.hf_layouts import expert_tensors, patch_unit
 from dsx.compress.importance import check_importance, group_scores
 from dsx.compress.layer_rules import rule_for
+from dsx.core.checks import check_positive_int, matches
 from dsx.core.inputs import Inputs, run_model, tensor_leaves
 from dsx.core.modules import is_hf_conv1d
 from dsx.core.transform import eval_mode
@@ -33,8 +34,7 @@ def _check(amount: Any, importance: Any, scope: Any, round_to: Any, inputs: Any,
     check_importance(importance)
     if scope not in SCOPES:
         raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise ValueError(f"round_to: expected a positive int or None, got {round_to!r}")
+    check_positive_int("round_to", round_to, optional=True)
     if inputs is None:
         raise ValueError("structured pruning needs example_inputs to trace the layer dependencies")
     if plan is not None and not isinstance(plan, dict):

@@ -22,6 +22,30 @@ def check_flag(name: str, value: Any) -> bool:
     return value
 
 
+def check_positive_int(name: str, value: Any, *, optional: bool = False) -> int | None:
+    """``value`` as a positive int (``None`` too with ``optional``).
+
+    Raises:
+        ValueError: a bool, another type, or an int under 1.
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def check_positive_number(name: str, value: Any) -> float:
+    """``value`` as a float above 0.
+
+    Raises:
+        ValueError: a bool, another type, or a number that is not above 0 (NaN included).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    return float(value)
+
+
 def check_path(name: str, value: Any, *, directory: bool | None = None) -> Path:
     """``value`` as a ``Path``; ``directory=True`` / ``False`` also refuses an existing file / directory there, and a
     parent that is a file.
@@ -48,10 +72,13 @@ def check_path(name: str, value: Any, *, directory: bool | None = None) -> Path:
 
 
 def matches(name: str, pattern: str) -> bool:
-    """``pattern`` names ``name`` or one of its parents, or is ``"re:<regex>"`` matching the whole name."""
+    """``pattern`` names ``name`` or one of its parents, or is ``"re:<regex>"`` fully matching one of them
+    (so, as a plain name does, a pattern that picks a block picks everything inside it)."""
+    parts = name.split(".")
+    names = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if name else [""]
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return name == pattern or name.startswith(pattern + ".")
+        return any(re.fullmatch(pattern[3:], n) for n in names)
+    return pattern in names
 
 
 def check_names(name: str, value: Any, *, patterns: bool = True) -> list[str]:

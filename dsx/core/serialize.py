@@ -105,6 +105,27 @@ def hf_configs(model: nn.Module) -> dict[str, str]:
     return texts
 
 
+def read_tagged_json(file: Path, *, caller: str, tag: tuple[str, int], what: str) -> dict[str, Any]:
+    """The JSON object in ``file`` whose ``"format"`` and ``"version"`` are ``tag`` (dsx saves and checkpoints).
+
+    Args:
+        file: the JSON file.
+        caller: the public function named in errors.
+        tag: the expected ``(format, version)``.
+        what: what such a file is, for the error message.
+
+    Raises:
+        ValueError: ``file`` is unreadable, not JSON, or not tagged ``tag``.
+    """
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{caller}: {file} is unreadable or not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or (meta.get("format"), meta.get("version")) != tag:
+        raise ValueError(f"{caller}: {file} is not {what} (format {tag[0]!r}, version {tag[1]})")
+    return meta
+
+
 def read_meta(path: Path) -> dict[str, Any]:
     """The checked ``dsx.json`` of the save at ``path``.
 
@@ -115,12 +136,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     for name in (META, WEIGHTS):
         if not (path / name).is_file():
             raise FileNotFoundError(f"load: {path / name} not found (expected a directory written by dsx.save)")
-    try:
-        meta = json.loads((path / META).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"load: {path / META} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"load: {path / META} is not a dsx save (format {FORMAT!r}, version {VERSION})")
+    meta = read_tagged_json(path / META, caller="load", tag=(FORMAT, VERSION), what="a dsx save")
     expected = {"origin": str, "training": bool, "history": list}
     for key, kind in expected.items():
         if not isinstance(meta.get(key), kind):

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 
 from dsx.core.atomic import commit, write_bytes
 from dsx.core.checks import check_path
+from dsx.core.serialize import read_tagged_json
 from dsx.core.transform import history
 from dsx.core.dist import distributed_active
 from dsx.parallel.safe_dcp import SafeLoadPlanner, SafeReader, check_entries
@@ -211,24 +212,14 @@ def latest_checkpoint(path: str | os.PathLike) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def _read_meta(ckpt: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((ckpt / META).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"load_checkpoint: {ckpt / META} is unreadable: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"load_checkpoint: {ckpt / META} is not a dsx checkpoint "
-                         f"(format {FORMAT!r}, version {VERSION})")
-    return meta
-
-
 def _resolve(path: Path) -> tuple[Path, dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"load_checkpoint: path: {path} does not exist")
     ckpt = path if (path / META).is_file() else latest_checkpoint(path)
     if ckpt is None:
         raise FileNotFoundError(f"load_checkpoint: path: no complete checkpoint (step_<N> with {META}) in {path}")
-    return ckpt, _read_meta(ckpt)
+    return ckpt, read_tagged_json(ckpt / META, caller="load_checkpoint", tag=(FORMAT, VERSION),
+                                  what="a dsx checkpoint")
 
 
 def _mismatch(ckpt: Path, meta: dict[str, Any], model: nn.Module, state: dict[str, Any]) -> str | None:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from dsx.core.checks import check_positive_int, check_positive_number
 from dsx.quant.int4 import QMAX, minmax_params
 from dsx.core.modules import is_hf_conv1d
 from dsx.quant.linear import linear_weight
@@ -99,10 +100,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: Hessian | torch.Tensor, group_s
     n, k = weight.shape
     if type(group_size) is not int or group_size < 1 or k % group_size:
         raise ValueError(f"group_size: expected a positive int dividing K={k}, got {group_size!r}")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
-        raise ValueError(f"damp: expected a positive number, got {damp!r}")
-    if type(block_size) is not int or block_size < 1:
-        raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+    check_positive_number("damp", damp)
+    check_positive_int("block_size", block_size)
     h = hessian.h if isinstance(hessian, Hessian) else hessian
     if not isinstance(h, torch.Tensor) or tuple(h.shape) != (k, k):
         raise ValueError(f"hessian: expected a [{k}, {k}] matrix, got {getattr(h, 'shape', type(h))}")
@@ -268,10 +267,8 @@ def gptq_sequential(model: nn.Module, batches: list[Any], linears: dict[str, nn.
     Raises:
         ValueError: bad arguments, or "calibration: ..." for non-finite inputs or an indefinite Hessian.
     """
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
-        raise ValueError(f"damp: expected a positive number, got {damp!r}")
-    if type(group_size) is not int or group_size < 1:
-        raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
+    check_positive_number("damp", damp)
+    check_positive_int("group_size", group_size)
     batches = list(batches)
     if not batches:
         raise ValueError("batches: expected at least one calibration batch")

@@ -37,18 +37,21 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     return w, None if module.bias is None else module.bias.detach()
 
 
-def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric int8: ``(q [N, K] int8, scale [N] fp32)`` with ``w ~= q * scale[:, None]``."""
-    w = w.float()
-    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+def quantize_weight(w: torch.Tensor, dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric quantization to int8 (rounded, +-127) or float8 e4m3 (+-448).
 
+    Args:
+        w: the float weight ``[N, K]``.
+        dtype: ``torch.int8`` or ``torch.float8_e4m3fn``.
 
-def quantize_weight_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel float8 e4m3: ``(q [N, K] e4m3, scale [N] fp32)`` with ``w ~= q * scale[:, None]``."""
+    Returns:
+        ``(q [N, K] dtype, scale [N] fp32)`` with ``w ~= q * scale[:, None]``.
+    """
     w = w.float()
-    scale = w.abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX
-    return (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+    qmax = 127.0 if dtype == torch.int8 else FP8_MAX
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / qmax
+    q = w / scale[:, None]
+    return (torch.round(q) if dtype == torch.int8 else q).clamp_(-qmax, qmax).to(dtype), scale
 
 
 def eager_cpu(x: torch.Tensor) -> bool:
@@ -84,7 +87,8 @@ class QuantLinear(nn.Module, abc.ABC):
 
     @classmethod
     def quantize_weight(cls, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return quantize_weight_int8(w)
+        """``(codes, per-channel scale)`` of the float weight ``[out, in]`` in this class's ``weight_dtype``."""
+        return quantize_weight(w, cls.weight_dtype)
 
     @classmethod
     def from_float(cls, module: nn.Module, **kwargs: Any) -> QuantLinear:
@@ -310,10 +314,6 @@ class FP8Linear(QuantLinear):
     description = "row-wise dynamic float8_e4m3fn activations, per-channel float8_e4m3fn weights"
     weight_dtype = FP8
 
-    @classmethod
-    def quantize_weight(cls, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return quantize_weight_fp8(w)
-
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._rows(x)
         absmax, bias = self.input_absmax(rows), self.output_bias()
@@ -346,10 +346,6 @@ class FP8WeightOnlyLinear(QuantLinear):
     format = "fp8_weight_only"
     description = "per-channel float8_e4m3fn weights, float activations"
     weight_dtype = FP8
-
-    @classmethod
-    def quantize_weight(cls, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return quantize_weight_fp8(w)
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._rows(x)

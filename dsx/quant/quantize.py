@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from dsx.core.checks import check_flag, check_names, matches
+from dsx.core.checks import check_flag, check_names, check_positive_int, matches
 from dsx.core.dist import all_reduce_scalar, distributed_active
 from dsx.core.modules import set_module
 from dsx.core.inputs import MAX_BATCHES, Inputs, model_device, normalize_inputs, run_model
@@ -97,8 +97,7 @@ class Quantize(Transform):
         if self.layers is not None:
             self.layers = check_names("layers", self.layers, patterns=False)
         check_flag("qat", self.qat)
-        if type(self.max_batches) is not int or self.max_batches < 1:
-            raise ValueError(f"max_batches: expected a positive int, got {self.max_batches!r}")
+        check_positive_int("max_batches", self.max_batches)
         check_flag("progress", self.progress)
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(f"filter_fn: expected a callable (name, module) -> bool, got {type(self.filter_fn)}")

@@ -2,7 +2,9 @@
 
 import pytest
 
-from dsx.core.checks import check_dynamic_shapes, check_flag, check_names, check_path, matches
+from dsx.core.checks import (
+    check_dynamic_shapes, check_flag, check_names, check_path, check_positive_int, check_positive_number, matches,
+)
 
 
 @pytest.mark.parametrize("value", ["no", 1, None, 0.0])
@@ -47,3 +49,25 @@ def test_dynamic_shapes_accepted(value):
 def test_dynamic_shapes_refused(value):
     with pytest.raises(TypeError, match="dynamic_shapes: expected a torch.export spec"):
         check_dynamic_shapes(value)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2", None])
+def test_positive_int_refuses(value):
+    with pytest.raises(ValueError, match=r"round_to: expected a positive int, got"):
+        check_positive_int("round_to", value)
+
+
+def test_positive_int_and_number_accept():
+    assert check_positive_int("n", 3) == 3 and check_positive_int("n", None, optional=True) is None
+    assert check_positive_number("damp", 0.01) == 0.01
+
+
+@pytest.mark.parametrize("value", [0, -0.5, float("nan"), False, "1"])
+def test_positive_number_refuses(value):
+    with pytest.raises(ValueError, match="damp: expected a positive number"):
+        check_positive_number("damp", value)
+
+
+def test_a_pattern_that_picks_a_block_picks_its_children():
+    assert matches("model.layers.0.self_attn.q_proj", "re:.*self_attn")
+    assert not matches("model.layers.0.mlp", "re:.*self_attn") and not matches("ab.c", "re:a")

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 import dsx.quant.linear as quant_linear
 from dsx.kernels.int8_fbgemm import fbgemm_available
 from dsx.quant.linear import (FP8, FP8Linear, FP8WeightOnlyLinear, Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear,
-                              fp8_supported, is_linear, linear_weight, quantize_weight_fp8, quantize_weight_int8,
+                              fp8_supported, is_linear, linear_weight, quantize_weight,
                               scaled_mm_options)
 
 ALL = [Int8Linear, Int8WeightOnlyLinear, FP8Linear, FP8WeightOnlyLinear]
@@ -26,7 +26,7 @@ def linear():
 
 def test_int8_weight_quantization_is_within_half_a_step():
     w = torch.randn(32, 40) * torch.logspace(-2, 1, 32)[:, None]
-    q, scale = quantize_weight_int8(w)
+    q, scale = quantize_weight(w, torch.int8)
     assert q.dtype == torch.int8 and scale.shape == (32,) and q.abs().max() <= 127
     assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
     assert (q.abs().amax(1) == 127).all()
@@ -34,7 +34,7 @@ def test_int8_weight_quantization_is_within_half_a_step():
 
 def test_fp8_weight_quantization_is_close():
     w = torch.randn(16, 32)
-    q, scale = quantize_weight_fp8(w)
+    q, scale = quantize_weight(w, FP8)
     assert q.dtype == FP8
     assert ((q.float() * scale[:, None] - w).abs() / w.abs().amax(1, keepdim=True)).max() < 0.07
 
