@@ -101,6 +101,11 @@ def optimize(model: nn.Module, example_inputs: Any, *, max_error: float | None =
     Raises:
         TypeError, ValueError: a bad argument (named in the message), or example inputs the model raises on.
         dsx.VerificationError: a forced step's outputs drift past its tolerance.
+
+    Example:
+        >>> fast = dsx.optimize(model, x)                                    # lossless: within fp32 rounding
+        >>> fast = dsx.optimize(model, x, max_error=0.01, metric="cosine")   # lossy formats allowed
+        >>> print(dsx.report(fast))
     """
     check_module(model)
     check_finite_parameters(model)

@@ -524,8 +524,34 @@ def distill(teacher: nn.Module, student: nn.Module, data: Iterable[Any], *, epoc
             loss_fn: Callable[..., torch.Tensor] | None = None, device: torch.device | str | None = None,
             progress: bool = True, lr: float = 1e-3, feature_weight: float = 1.0,
             inplace: bool = False) -> tuple[nn.Module, list[float]]:
-    """``dsx.Distill(teacher, data, ...)(student)``: the trained student (a copy unless ``inplace``) and the
-    per-step losses (the history info also records the per-epoch means). See ``Distill``."""
+    """Train ``student`` to match ``teacher`` on ``data`` (``dsx.Distill(teacher, data, ...)(student)``).
+
+    Args:
+        teacher: the reference model (run in eval mode, without gradients).
+        student: the model to train (a copy unless ``inplace``).
+        data: batches (a tensor, an ``(x, y)`` pair or a dict of keyword inputs with optional ``"labels"``),
+            re-iterated each epoch.
+        epochs: passes over ``data``.
+        temperature: the softmax temperature of the KL term.
+        alpha: the weight of the KL term against the task loss.
+        features: ``{"student.layer": "teacher.layer"}`` feature maps to match (projected when widths differ).
+        optimizer: None (AdamW with ``lr``), a callable ``params -> optimizer`` or an optimizer.
+        loss_fn: the task loss ``loss_fn(student_logits, target)``.
+        device: where student, teacher and batches run (default: the student's device).
+        progress: show a progress bar.
+        lr: AdamW's learning rate when ``optimizer`` is None.
+        feature_weight: the weight of the feature-matching term.
+        inplace: train ``student`` itself.
+
+    Returns:
+        ``(trained student, per-step losses)``; the history info records the per-epoch means.
+
+    Raises:
+        ValueError / TypeError: a bad argument, named in the message.
+
+    Example:
+        >>> student, losses = dsx.distill(teacher, student, loader, epochs=2, temperature=4.0)
+    """
     check_module(student, "student")
     step = Distill(teacher, data, epochs=epochs, temperature=temperature, alpha=alpha, features=features,
                    optimizer=optimizer, loss_fn=loss_fn, device=device, progress=progress, lr=lr,

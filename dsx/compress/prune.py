@@ -137,7 +137,30 @@ class Prune(Transform):
 def prune(model: nn.Module, amount: float, *, structured: bool = False, example_inputs: Any = None,
           importance: str = "l1", scope: str = "local", round_to: int | None = None, skip: Sequence[str] = (),
           inplace: bool = False, **kwargs: Any) -> nn.Module:
-    """``dsx.Prune(amount, ...)(model, example_inputs)``: the pruned copy of ``model`` (see ``Prune``); ``kwargs``
-    are the other ``Prune`` fields (``calibration``, ``max_error``, ``verify``)."""
+    """Prune ``amount`` of ``model``'s weights (``dsx.Prune(amount, ...)(model, example_inputs)``; see ``Prune``).
+
+    Args:
+        model: the model to prune.
+        amount: the fraction in [0, 1) of prunable weights to remove.
+        structured: remove whole channels / heads / neurons (layers shrink) instead of masking single weights.
+        example_inputs: inputs to trace layer dependencies (needed when ``structured``) and to verify on.
+        importance: how channels are ranked (``"l1"``, ``"l2"``, data-driven ones with ``calibration``).
+        scope: ``"local"`` (each layer loses ``amount``) or ``"global"`` (ranked across layers).
+        round_to: structured widths stay multiples of it.
+        skip: module names or ``"re:<regex>"`` patterns to leave dense (their children too).
+        inplace: change ``model`` itself instead of a copy.
+        **kwargs: the other ``Prune`` fields: ``calibration``, ``max_error``, ``verify``, ``plan``.
+
+    Returns:
+        The pruned model; ``dsx.history(result)[-1]["info"]`` holds the fraction removed and what was skipped.
+
+    Raises:
+        ValueError / TypeError: a bad argument, named in the message.
+        dsx.VerificationError: outputs beyond ``max_error``, non-finite, or of another structure.
+
+    Example:
+        >>> small = dsx.prune(model, 0.3, structured=True, example_inputs=x)
+        >>> masked = dsx.prune(model, 0.8, scope="global")
+    """
     return Prune(amount, structured=structured, importance=importance, scope=scope, round_to=round_to, skip=skip,
                  inplace=inplace, **kwargs)(model, example_inputs)

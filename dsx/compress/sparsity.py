@@ -199,6 +199,28 @@ class Sparsify(Transform):
 def sparsify(model: nn.Module, pattern: str = "2:4", *, skip: Sequence[str] = (), example_inputs: Any = None,
              accelerate: bool | None = None, max_error: float | None = None, inplace: bool = False,
              verify: bool = True) -> nn.Module:
-    """``dsx.Sparsify(pattern, ...)(model, example_inputs)``: the 2:4-sparse copy of ``model`` (see ``Sparsify``)."""
+    """Give ``model``'s linear weights a 2:4 pattern (``dsx.Sparsify(pattern, ...)(model, example_inputs)``).
+
+    Args:
+        model: the model to sparsify.
+        pattern: the sparsity pattern; ``"2:4"`` (2 of every 4 input weights kept).
+        skip: module names or ``"re:<regex>"`` patterns to leave dense (their children too).
+        example_inputs: inputs to verify on.
+        accelerate: run fp16 / bf16 layers through the semi-structured sparse kernels on CUDA (sm80+); None when
+            possible, True makes it an error when a layer cannot be.
+        max_error: a tolerance on the output change (none by default: 2:4 changes outputs by design).
+        inplace: change ``model`` itself instead of a copy.
+        verify: check the outputs' shapes and finiteness (and ``max_error``) on the example inputs.
+
+    Returns:
+        The sparse model (masked linears; the info names layers left dense and why).
+
+    Raises:
+        ValueError / TypeError: a bad argument, or ``accelerate=True`` where a layer cannot be accelerated.
+        dsx.VerificationError: outputs beyond ``max_error`` or non-finite.
+
+    Example:
+        >>> sparse = dsx.sparsify(model, "2:4", example_inputs=x)
+    """
     return Sparsify(pattern, skip=skip, accelerate=accelerate, max_error=max_error, inplace=inplace,
                     verify=verify)(model, example_inputs)

@@ -62,6 +62,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) 
         TypeError: ``overwrite`` is not a bool, or ``model`` not an ``nn.Module``.
         ValueError: ``path`` is a file, or a non-empty directory that is not a dsx save while ``overwrite=False``;
             or the model's history is not JSON-able.
+
+    Example:
+        >>> dsx.save(dsx.quantize(model, "int8"), "out/model-int8")
     """
     check_module(model)
     if not isinstance(overwrite, bool):
@@ -208,6 +211,9 @@ def load(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None
     Raises:
         FileNotFoundError: no save at ``path``.
         ValueError: a corrupt save, another architecture, a transformed ``model``, or weights that do not fit.
+
+    Example:
+        >>> restored = dsx.load(MyModel(), "out/model-int8")
     """
     check_module(model)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

@@ -49,6 +49,29 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, fo
     A Hugging Face decoder exports without its KV cache by default; ``kv_cache=True`` (ONNX only) writes it
     "with past" (``past_key_values.*`` inputs, ``present.*`` outputs, see ``dsx.export.decoder``) and verifies it
     by greedy decoding from the example prompt in onnxruntime.
+
+    Args:
+        model: the model to export (dsx-quantized models included).
+        example_inputs: a tensor, a tuple of tensors, or ``(args, kwargs)`` to trace on.
+        path: the file to write (``.onnx``, ``.pt2``, ``.engine`` / ``.ts``).
+        format: ``"onnx"``, ``"pt2"`` or ``"tensorrt"``; None reads it from the suffix.
+        dynamic_shapes: a ``torch.export`` spec or ``"batch"``.
+        opset: the ONNX opset (ONNX only).
+        verify: run the written file on the example inputs and compare.
+        precision: ``"fp32"``, ``"fp16"`` or ``"int8"`` (TensorRT only).
+        kv_cache: export a decoder with its KV cache (ONNX only).
+
+    Returns:
+        An ``ExportResult``: the path, format, measured errors and notes on what was done.
+
+    Raises:
+        ValueError / TypeError: a bad argument, a format the model cannot take, or a missing exporter (with the
+            install hint).
+        dsx.VerificationError: the written file's outputs drift beyond the tolerance.
+
+    Example:
+        >>> result = dsx.export(model, x, "model.onnx", dynamic_shapes="batch")
+        >>> result.max_rel
     """
     check_module(model)
     normalize_inputs(example_inputs)

@@ -309,6 +309,9 @@ def compress_gradients(ddp_model: DistributedDataParallel, spec: str, *, error_f
         TypeError: ``ddp_model`` is not DDP, or ``spec`` is not a string.
         ValueError: a malformed spec (see ``parse_spec``), or ``error_feedback=True`` for fp16 / bf16.
         RuntimeError: no initialized process group.
+
+    Example:
+        >>> stats = dsx.parallel.compress_gradients(DistributedDataParallel(model), "powersgd:rank=4")
     """
     name, options = parse_spec(spec)
     entry = _REGISTRY[name]

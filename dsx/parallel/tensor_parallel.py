@@ -202,6 +202,10 @@ def tensor_parallel(model: nn.Module, mesh: DeviceMesh, plan: Mapping[str, str] 
     Raises:
         TypeError: ``mesh`` is not a DeviceMesh, or a planned module is not a linear it can split (QAT modules too).
         ValueError: a bad plan or mesh, layers with pruning masks, or sizes not divisible by the ranks.
+
+    Example:
+        >>> mesh = init_device_mesh("cuda", (world_size,))
+        >>> model = dsx.parallel.tensor_parallel(dsx.quantize(model, "int8"), mesh)
     """
     world = _check_mesh(mesh)
     splits = _resolve(model, default_plan(model) if plan is None else plan)

@@ -385,7 +385,39 @@ def quantize(model: nn.Module, config: str | QuantConfig | dict[str, Any] = "int
              max_error: float | None = None, metric: Any = "max_rel", qat: bool = False, example_inputs: Any = None,
              progress: bool = True, inplace: bool = False, verify: bool = True, distributed: bool | None = None,
              process_group: Any = None, max_batches: int = MAX_BATCHES) -> nn.Module:
-    """``dsx.Quantize(config, ...)(model, example_inputs)``: the quantized copy of ``model`` (see ``Quantize``)."""
+    """Quantize ``model``'s linear layers (``dsx.Quantize(config, ...)(model, example_inputs)``; see ``Quantize``).
+
+    Args:
+        model: the float model (not already quantized).
+        config: a format name (``dsx.quant.valid_formats()``: ``"int8"``, ``"int8_static"``, ``"int8_weight_only"``,
+            ``"int4_weight_only"``, ``"fp8"``, ...), a config object such as ``dsx.quant.Int8Static(...)``, or its
+            dict form.
+        calibration: batches for static scales, GPTQ and the accuracy budget (at most ``max_batches`` read).
+        skip: module names or ``"re:<regex>"`` patterns to keep float (their children too).
+        filter_fn: ``filter_fn(name, module) -> bool``; False keeps a layer float.
+        max_error: accuracy budget: the most sensitive layers stay float until ``metric`` is within it.
+        metric: ``"max_rel"``, ``"cosine"`` or a callable ``metric(model) -> float``.
+        qat: insert fake-quant layers to train (``dsx.convert`` finishes them).
+        example_inputs: inputs to verify on (and to measure the budget when there is no calibration).
+        progress: show a progress bar for calibration and the budget search.
+        inplace: change ``model`` itself instead of a copy.
+        verify: compare the outputs on the example inputs against the format's tolerance.
+        distributed: all-reduce calibration statistics across ranks (None: when a process group has > 1 rank).
+        process_group: the group for ``distributed``.
+        max_batches: how many calibration batches are read at most.
+
+    Returns:
+        The quantized model (same class; dsx quantized layers in place of the linears), with a history entry.
+
+    Raises:
+        ValueError / TypeError: a bad argument (named in the message), an unknown format, a format this device
+            cannot run, or an already quantized model.
+        dsx.VerificationError: outputs outside the format's tolerance (or ``max_error``) on the example inputs.
+
+    Example:
+        >>> q = dsx.quantize(model, "int8", example_inputs=x)
+        >>> q = dsx.quantize(model, "int8", calibration=batches, max_error=0.01, metric="cosine")
+    """
     return Quantize(config, skip=skip, filter_fn=filter_fn, max_error=max_error, metric=metric, qat=qat,
                     calibration=calibration, max_batches=max_batches,
                     progress=progress, inplace=inplace, verify=verify, distributed=distributed,
