@@ -17,8 +17,8 @@ from torch._inductor.exc import InductorError
 import dsx.kernels
 from dsx.kernels import add_layer_norm, add_rms_norm, bias_act, gated_act, int4_mm, int8_mm
 from dsx.kernels import quantize_fp8, quantize_per_token, softmax
-from tests.cuda.cuda_testing import (DEVICE, DTYPES, GRAD_TOL, ON_CUDA, TOL, needs_device, rel_err,
-                                     require_capability)
+from tests.cuda.cuda_testing import (CPU_BF16_WEIGHT_ONLY_COMPILE, DEVICE, DTYPES, GRAD_TOL, ON_CUDA, TOL,
+                                     needs_device, rel_err, require_capability)
 
 pytestmark = needs_device
 
@@ -214,11 +214,6 @@ def _compile_skip(case: OpCase, dtype: torch.dtype) -> Optional[str]:
         return CPU_BF16_WEIGHT_ONLY_COMPILE
     return None
 
-
-CPU_BF16_WEIGHT_ONLY_COMPILE = (
-    "inductor cannot lower the CPU path's aten._weight_int8pack_mm on bf16 activations (up to 32 rows): its scales "
-    "operand w_scale.to(bfloat16) is a Pointwise, not a realized buffer (LoweringException; "
-    "test_compiled_int8_weight_only_mm_bf16_on_the_cpu tracks it)")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
