@@ -365,14 +365,16 @@ def _dequantized_linear(
 def _weight_only_aten(
     x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """``_weight_int8pack_mm`` (CPU, few rows, K a multiple of 16: it crashes otherwise) or dequantize + ``F.linear``.
+    """``_weight_int8pack_mm`` (eager CPU, few rows, K a multiple of 16: it crashes otherwise) or dequantize +
+    ``F.linear`` (also under torch.compile, whose CPU lowering of ``_weight_int8pack_mm`` refuses computed scales).
 
     Both round to ``x.dtype`` first: the scales (``_weight_int8pack_mm``) or the dequantized weight (``F.linear``).
     """
     _check_weight_only(x, w, w_scale, bias)
     (n, k) = w.shape
     x2 = x.reshape(-1, k)
-    if x.device.type == "cpu" and x.dtype in PACK_MAX_ROWS and x2.shape[0] <= PACK_MAX_ROWS[x.dtype] and k % 16 == 0:
+    few_rows = x.dtype in PACK_MAX_ROWS and x2.shape[0] <= PACK_MAX_ROWS[x.dtype]
+    if x.device.type == "cpu" and few_rows and k % 16 == 0 and not torch.compiler.is_compiling():
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), w.contiguous(), w_scale.to(x.dtype))
         y = y if bias is None else y.add_(bias)
     else:

@@ -314,6 +314,21 @@ class FP8Linear(QuantLinear):
     description = "row-wise dynamic float8_e4m3fn activations, per-channel float8_e4m3fn weights"
     weight_dtype = FP8
 
+    def shard(self, style: str, mesh: DeviceMesh, chunks: int = 1) -> QuantLinear:
+        """``QuantLinear.shard``, refusing a split whose local sizes ``torch._scaled_mm`` cannot take.
+
+        Raises:
+            ValueError: a local in / out feature count that is not a multiple of 16 (and ``shard``'s own errors).
+        """
+        if isinstance(mesh, DeviceMesh) and mesh.ndim == 1 and style in self.SHARD_DIMS:
+            world = mesh.size()
+            local = (self.in_features // world, self.out_features) if style == "rowwise" else \
+                (self.in_features, self.out_features // world)
+            if any(d % 16 for d in local):
+                raise ValueError(f"mesh: a {style} split over {world} ranks leaves this fp8 layer {local[1]} x "
+                                 f"{local[0]} per rank; torch._scaled_mm needs multiples of 16")
+        return super().shard(style, mesh, chunks)
+
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._rows(x)
         absmax, bias = self.input_absmax(rows), self.output_bias()

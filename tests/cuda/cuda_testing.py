@@ -29,11 +29,6 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 rounding of the output (doubled for bf16: the Triton interpreter truncates fp32 -> bf16 casts)."""
 GRAD_TOL = 1e-4
 """Relative error allowed for fp32 gradients (closed-form backward in fp32) against float64 autograd."""
-CPU_BF16_WEIGHT_ONLY_COMPILE = (
-    "CPU only: inductor cannot lower the CPU path's aten._weight_int8pack_mm on bf16 activations (up to 32 rows): "
-    "its scales operand w_scale.to(bfloat16) is a Pointwise, not a realized buffer (LoweringException; "
-    "tests/cuda/test_ops.py::test_compiled_int8_weight_only_mm_bf16_on_the_cpu tracks it)")
-"""Why compiled graphs on the CPU leave out ``dsx::int8_weight_only_mm`` on bf16 activations."""
 
 
 def _select() -> Tuple[Optional[torch.device], str]:

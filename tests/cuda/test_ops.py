@@ -12,12 +12,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import pytest
 import torch
-from torch._inductor.exc import InductorError
 
 import dsx.kernels
 from dsx.kernels import add_layer_norm, add_rms_norm, bias_act, gated_act, int4_mm, int8_mm
 from dsx.kernels import quantize_fp8, quantize_per_token, softmax
-from tests.cuda.cuda_testing import (CPU_BF16_WEIGHT_ONLY_COMPILE, DEVICE, DTYPES, GRAD_TOL, ON_CUDA, TOL,
+from tests.cuda.cuda_testing import (DEVICE, DTYPES, GRAD_TOL, ON_CUDA, TOL,
                                      needs_device, rel_err, require_capability)
 
 pytestmark = needs_device
@@ -210,8 +209,6 @@ def _compile_skip(case: OpCase, dtype: torch.dtype) -> Optional[str]:
     if case.op == "quantize_fp8_rowwise" and ON_CUDA:
         if torch.cuda.get_device_capability(DEVICE) < quantize_fp8.FP8_MIN_CAPABILITY:
             return "Triton converts to float8e4nv from compute capability 8.9"
-    if case.op == "int8_weight_only_mm" and dtype == torch.bfloat16 and not ON_CUDA:
-        return CPU_BF16_WEIGHT_ONLY_COMPILE
     return None
 
 
@@ -250,17 +247,3 @@ def test_fp32_gradients_match_float64_autograd(case):
         assert args[i].grad is not None and args[i].grad.dtype == args[i].dtype
         err = rel_err(args[i].grad, ref_args[i].grad)
         assert err < GRAD_TOL, f"gradient of argument {i}: relative error {err:.3g}"
-
-
-@pytest.mark.xfail(strict=True, raises=InductorError, reason=CPU_BF16_WEIGHT_ONLY_COMPILE)
-def test_compiled_int8_weight_only_mm_bf16_on_the_cpu():
-    """Known failure of the CPU path only (CUDA runs the Triton kernel): when it is fixed, this test XPASSes (strict:
-    a failure) and ``_compile_skip`` should put the case back into the compiled graph."""
-    if ON_CUDA:
-        pytest.skip("the failure is in the CPU path; test_compiled_ops_match_reference covers CUDA")
-    case = next(c for c in CASES if c.op == "int8_weight_only_mm")
-    args = case.args(torch.bfloat16)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out = torch.compile(case.call, fullgraph=True)(args)
-    case.compare(out, case.expected(args), torch.bfloat16)

@@ -7,7 +7,6 @@ product of the quantized activations otherwise), the model's output against the 
 from __future__ import annotations
 
 import functools
-import warnings
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from dsx.quant.config import QuantConfig, resolve_config
 from dsx.quant.int4 import Int4WeightOnlyLinear
 from dsx.quant.linear import (FP8Linear, FP8WeightOnlyLinear, Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear,
                               fp8_supported)
-from tests.cuda.cuda_testing import (CPU_BF16_WEIGHT_ONLY_COMPILE, DEVICE, ON_CUDA, TOL, cosine, needs_device,
+from tests.cuda.cuda_testing import (DEVICE, ON_CUDA, TOL, cosine, needs_device,
                                      rel_err, require_capability)
 
 pytestmark = needs_device
@@ -149,9 +148,6 @@ def test_quantized_layers_match_their_definition(fmt, dtype):
 def test_every_format_compiled_matches_eager(dtype):
     fmts = []
     for fmt in FORMATS:
-        if fmt == "int8_weight_only" and dtype == torch.bfloat16 and not ON_CUDA:
-            warnings.warn(f"int8_weight_only left out of the compiled bf16 graph: {CPU_BF16_WEIGHT_ONLY_COMPILE}")
-            continue
         try:
             _skip_unsupported(fmt)
         except pytest.skip.Exception:

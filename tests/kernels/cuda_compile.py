@@ -1,5 +1,5 @@
 """Compile dsx's Triton kernels for a CUDA target on a machine without a GPU (Triton's own ptxas), one line of JSON per
-compile: ``{"kernel", "config", "arch", "seconds", "wgmma"}`` or ``{"kernel", "config", "arch", "error"}``.
+compile: ``{"kernel", "config", "arch", "triton", "seconds", "wgmma"}`` or the same with ``"error"``.
 
 Run as a script with ``TRITON_INTERPRET=0`` (under the interpreter ``@triton.jit`` yields no compilable function):
 ``python tests/kernels/cuda_compile.py 90 [--all-configs]``. Row kernels compile at the configs their
@@ -31,7 +31,8 @@ CASES: list[tuple[Any, dict[str, str], dict[str, Any], bool]] = [
     (add_rms_norm._rms_norm_fwd, {"X": "*bf16", "R": "*bf16", "W": "*bf16", "Y": "*bf16", "S": "*bf16"},
      {"HAS_RESIDUAL": True, "HAS_WEIGHT": True}, True),
     (softmax._softmax_fwd, {"X": "*bf16", "M": "*i1", "Y": "*bf16"}, {"MASK_KIND": 1}, True),
-    (quantize_per_token._quantize_per_token_fwd, {"X": "*bf16", "Q": "*i8", "S": "*fp32"}, {}, True),
+    (quantize_per_token._quantize_per_token_fwd, {"X": "*bf16", "Q": "*i8", "S": "*fp32", "A": "*fp32"},
+     {"HAS_AMAX": True}, True),
     (quantize_fp8._quantize_fp8_rowwise_fwd, {"X": "*bf16", "Q": "*fp8e4nv", "S": "*fp32"}, {}, True),
     (bias_act._bias_act_fwd, {"X": "*bf16", "B": "*bf16", "Y": "*bf16"},
      {"HAS_BIAS": True, "ACT": bias_act.ACTS["gelu"]}, False),
@@ -79,6 +80,7 @@ def main() -> None:
             values = {**constexprs, **config.kwargs, **extra, "num_warps": config.num_warps,
                       "num_stages": config.num_stages}
             line: dict[str, Any] = {"kernel": kernel.fn.__name__, "config": str(config), "arch": arch,
+                                    "triton": triton.__version__,
                                     "pointers": pointers.get("X", pointers.get("A"))}
             try:
                 line.update(compile_one(kernel, pointers, values, arch))

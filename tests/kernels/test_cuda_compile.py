@@ -1,5 +1,6 @@
 """Every dsx Triton kernel compiles to PTX and cubin for CUDA targets on this CPU machine (Triton's own ptxas, no GPU):
-every autotune config for sm90 (H100 / H200), the first config of each for sm80, none slower than 45 s to compile.
+every autotune config for sm90 (H100 / H200) and the first of each for sm80, with this environment's Triton and with
+Triton 3.6 (the lent GPU machine's, which .ci/run installs beside it); none slower than 45 s to compile.
 
 Compiling runs in a subprocess without ``TRITON_INTERPRET`` (under the interpreter there is nothing to compile).
 """
@@ -22,8 +23,15 @@ pytestmark = pytest.mark.skipif("nvidia" not in triton.backends.backends,
                                 reason="this Triton build has no NVIDIA backend")
 
 
-def compile_all(arch: int, tmp_path: Path, *flags: str) -> list[dict]:
+TRITON_36 = Path(os.environ.get("DSX_TRITON36", SCRIPT.parents[2] / ".triton36"))
+"""Triton 3.6, the lent GPU machine's, which ``.ci/run`` installs there with ``pip install --no-deps --target``:
+every kernel must compile with it as well as with the Triton this environment has."""
+
+
+def compile_all(arch: int, tmp_path: Path, *flags: str, triton_dir: Path | None = None) -> list[dict]:
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    if triton_dir is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(triton_dir), env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, str(SCRIPT), str(arch), *flags], capture_output=True, text=True,
                          timeout=900, env=env, cwd=SCRIPT.parents[2])
     assert res.returncode == 0, res.stderr[-3000:]
@@ -38,14 +46,24 @@ def check(rows: list[dict]) -> None:
     assert not slow, "\n".join(slow)
 
 
-def test_every_config_compiles_for_sm90(tmp_path):
-    rows = compile_all(90, tmp_path, "--all-configs")
+NEEDS_36 = pytest.mark.skipif(not (TRITON_36 / "triton").is_dir(),
+                              reason=f"no Triton 3.6 at {TRITON_36} (.ci/run installs it)")
+TRITONS = [pytest.param(None, id="this-triton"), pytest.param(TRITON_36, id="triton-3.6", marks=NEEDS_36)]
+
+
+@pytest.mark.parametrize("triton_dir", TRITONS)
+def test_every_config_compiles_for_sm90(triton_dir, tmp_path):
+    rows = compile_all(90, tmp_path, "--all-configs", triton_dir=triton_dir)
+    assert triton_dir is None or all(r["triton"].startswith("3.6.") for r in rows)
     check(rows)
     kernels = {r["kernel"] for r in rows}
-    assert {"_int8_scaled_mm_fwd", "_int4_weight_only_mm_fwd", "_softmax_fwd"} <= kernels
+    assert {"_int8_scaled_mm_fwd", "_int4_weight_only_mm_fwd", "_softmax_fwd", "_quantize_per_token_fwd"} <= kernels
     # the int8 GEMM's tiles of 64+ rows run Hopper's warp-group MMA
     assert any(r["wgmma"] for r in rows if r["kernel"] == "_int8_scaled_mm_fwd")
 
 
-def test_first_configs_compile_for_sm80(tmp_path):
-    check(compile_all(80, tmp_path))
+@pytest.mark.parametrize("triton_dir", TRITONS)
+def test_first_configs_compile_for_sm80(triton_dir, tmp_path):
+    rows = compile_all(80, tmp_path, triton_dir=triton_dir)
+    assert triton_dir is None or all(r["triton"].startswith("3.6.") for r in rows)
+    check(rows)

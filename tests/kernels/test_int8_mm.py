@@ -231,6 +231,16 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-6, atol=1e-6)
 
 
+def test_torch_compile_weight_only_bf16_on_the_cpu():
+    """Inductor's CPU lowering of ``_weight_int8pack_mm`` refuses computed scales: compiled, the op dequantizes."""
+    w = torch.randint(-127, 128, (32, 48), dtype=torch.int8)
+    scale, x = torch.rand(32) / 100 + 1e-3, torch.randn(4, 48).bfloat16()
+    torch._dynamo.reset()
+    out = torch.compile(k.int8_weight_only_mm, fullgraph=True)(x, w, scale, None)
+    ref = x.double() @ (w.double() * scale.double()[:, None]).t()
+    assert out.dtype == torch.bfloat16 and ((out.double() - ref).abs().max() / ref.abs().max()).item() < 2e-2
+
+
 def test_export_keeps_ops():
     model, x = Int8Linear(), torch.randn(2, 5, 48)
     ep = torch.export.export(model, (x,), strict=False)

@@ -194,6 +194,8 @@ def bad_inputs(mesh) -> dict:
         "divisible": error(lambda: tensor_parallel(nn.Sequential(nn.Linear(64, 63)), mesh, {"0": "colwise"})),
         "divisible_int8": error(lambda: tensor_parallel(quantized(nn.Sequential(nn.Linear(63, 64)), "int8", None),
                                                         mesh, {"0": "rowwise"})),
+        "fp8_local_k": error(lambda: tensor_parallel(quantized(nn.Sequential(nn.Linear(48, 32)), "fp8", None), mesh,
+                                                     {"0": "rowwise"})),
         "type": error(lambda: tensor_parallel(mlp(), mesh, {"1": "colwise"})),
         "qat": error(lambda: tensor_parallel(qat, mesh, {"0": "colwise"})),
         "masked": error(lambda: tensor_parallel(dsx.prune(mlp(), 0.5), mesh, {"0": "colwise"})),
@@ -288,6 +290,8 @@ def test_shard_keeps_local_buffers_and_global_state_dict(ranks):
     ("not_mesh", r"TypeError: mesh: expected a torch.distributed DeviceMesh, got str"),
     ("divisible", r"ValueError: plan: '0' \(colwise\) has out_features=63, not divisible by the 2 ranks"),
     ("divisible_int8", r"ValueError: plan: '0' \(rowwise\) has in_features=63, not divisible by the 2 ranks"),
+    ("fp8_local_k", r"ValueError: mesh: a rowwise split over 2 ranks leaves this fp8 layer 32 x 24 per rank; "
+                    r"torch._scaled_mm needs multiples of 16"),
     ("type", r"TypeError: plan: '1' is a GELU; tensor_parallel splits \['nn.Linear'"),
     ("qat", r"TypeError: plan: '0' is a QATLinear"),
     ("masked", r"ValueError: plan: '0' has parametrizations .* dsx.make_permanent"),
