@@ -5,6 +5,7 @@ pattern / replacement rewriter, so each pass holds only its own pattern.
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -81,15 +82,13 @@ def is_row_vector(node: Any, n: int) -> bool:
     return node is None or (val is not None and tuple(val.shape) == (n,))
 
 
-def activation_name(node: Any) -> str | None:
-    """The dsx activation name of a ``relu`` / ``silu`` / ``gelu`` node ("relu", "silu", "gelu", "gelu_tanh")."""
-    if is_call(node, aten.relu.default):
-        return "relu"
-    if is_call(node, aten.silu.default):
-        return "silu"
-    if is_call(node, aten.gelu.default):
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(arg(node, 1, "approximate", "none"))
-    return None
+ACTIVATIONS: dict[str, Callable[[Any], Any]] = {
+    "gelu": aten.gelu.default,
+    "gelu_tanh": lambda y: aten.gelu.default(y, approximate="tanh"),
+    "silu": aten.silu.default,
+    "relu": aten.relu.default,
+}
+"""The activations dsx's fused ops compute, by their dsx name, as the ATen call a pattern writes for each."""
 
 
 def erase_dead(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> None:
@@ -150,6 +149,11 @@ class Rewrite:
     replacement: Callable[[dict[str, Any]], Callable[..., Any]]
     check: Callable[[dict[str, Any], fx.Node], bool]
 
+    @functools.cached_property
+    def pattern_graph(self) -> fx.Graph:
+        """``pattern`` traced once: the rewriter only reads it, and a pass runs on every compiled graph."""
+        return fx.symbolic_trace(self.pattern).graph
+
 
 def _bound(match: InternalMatch) -> dict[str, Any]:
     return {pn.target: gn for pn, gn in match.nodes_map.items() if pn.op == "placeholder"}
@@ -179,7 +183,7 @@ def rewrite(gm: fx.GraphModule, rewrites: Sequence[Rewrite]) -> int:
         def build(match: InternalMatch, original: fx.Graph, pattern: fx.Graph, rw: Rewrite = rw) -> fx.Graph:
             return fx.symbolic_trace(rw.replacement(_bound(match))).graph
 
-        replaced = replace_pattern_with_filters(gm, rw.pattern, match_filters=[check], replacement_callback=build)
+        replaced = replace_pattern_with_filters(gm, rw.pattern_graph, match_filters=[check], replacement_callback=build)
         for r in replaced:
             _infer_meta(r.replacements)
         count += len(replaced)

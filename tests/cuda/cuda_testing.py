@@ -19,6 +19,8 @@ from typing import Optional, Tuple
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from dsx.kernels._triton import interpreting
 
@@ -86,3 +88,15 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def first(out):
     """A model's main output: the tensor itself, or the first element of a tuple / Hugging Face output."""
     return out if isinstance(out, torch.Tensor) else out[0]
+
+
+class MLP(nn.Module):
+    """Two linears whose widths every tested path takes: fp8 (multiples of 16), int4 (of its group size 128) and the
+    2:4 kernels (in_features multiples of 64, out_features of 32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(128, 256), nn.Linear(256, 64)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))

@@ -19,7 +19,7 @@ from dsx.quant.config import QuantConfig, resolve_config
 from dsx.quant.int4 import Int4WeightOnlyLinear
 from dsx.quant.linear import (FP8Linear, FP8WeightOnlyLinear, Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear,
                               fp8_supported)
-from tests.cuda.cuda_testing import (DEVICE, ON_CUDA, TOL, cosine, needs_device,
+from tests.cuda.cuda_testing import (DEVICE, MLP, ON_CUDA, TOL, cosine, needs_device,
                                      rel_err, require_capability)
 
 pytestmark = needs_device
@@ -35,17 +35,6 @@ FP8_TOL = 2e-2
 MIN_COSINE = {"int4_weight_only": 0.98}
 """Least cosine similarity of the quantized model's output to the float model's (0.99 for formats not named): int4
 weights of this random MLP give about 0.992 over its two layers."""
-
-
-class MLP(nn.Module):
-    """Two linears whose widths every format takes (multiples of 16 for fp8, of the int4 group size 128)."""
-
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = nn.Linear(128, 256), nn.Linear(256, 64)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
 
 
 class Bundle(nn.Module):

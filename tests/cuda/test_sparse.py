@@ -17,22 +17,11 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 import dsx
 from dsx.compress import sparsity as sp
 from dsx.compress.sparsity import SemiSparseLinear, check_2to4
-from tests.cuda.cuda_testing import DEVICE, ON_CUDA, TOL, needs_device, rel_err, require_capability, require_cuda
+from tests.cuda.cuda_testing import DEVICE, MLP, ON_CUDA, TOL, needs_device, rel_err, require_capability, require_cuda
 
 pytestmark = needs_device
 
 SPARSE_CAPABILITY = (8, 0)
-
-
-class MLP(nn.Module):
-    """Widths the 2:4 kernels take (in_features multiples of 64, out_features of 32)."""
-
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = nn.Linear(128, 256), nn.Linear(256, 64)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
 
 
 @pytest.fixture

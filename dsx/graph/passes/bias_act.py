@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 import dsx.kernels.bias_act  # noqa: F401  (registers torch.ops.dsx.bias_act)
-from dsx.graph.fx_utils import Rewrite, rewrite, tensor_meta
+from dsx.graph.fx_utils import ACTIVATIONS, Rewrite, rewrite, tensor_meta
 
 aten = torch.ops.aten
 Fn = Callable[..., Any]
@@ -26,13 +26,7 @@ def _gelu_new(y: Any) -> Any:
     return aten.mul.Tensor(aten.mul.Tensor(y, 0.5), aten.add.Tensor(tanh, 1.0))
 
 
-ACTIVATIONS: list[tuple[str, Fn]] = [
-    ("gelu", aten.gelu.default),
-    ("gelu_tanh", lambda y: aten.gelu.default(y, approximate="tanh")),
-    ("silu", aten.silu.default),
-    ("relu", aten.relu.default),
-    ("gelu_tanh", _gelu_new),
-]
+ACTIVATION_PATTERNS: list[tuple[str, Fn]] = [*ACTIVATIONS.items(), ("gelu_tanh", _gelu_new)]
 """The activations ``dsx.bias_act`` computes: its name for each, and the ATen calls that match it."""
 
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
@@ -90,7 +84,7 @@ def _rewrites(name: str, act: Fn) -> list[Rewrite]:
     ]
 
 
-REWRITES = [rw for name, act in ACTIVATIONS for rw in _rewrites(name, act)]
+REWRITES = [rw for name, act in ACTIVATION_PATTERNS for rw in _rewrites(name, act)]
 
 
 def bias_act(gm: fx.GraphModule) -> int:

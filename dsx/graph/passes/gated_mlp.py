@@ -11,16 +11,12 @@ import torch
 import torch.fx as fx
 
 import dsx.kernels.gated_act  # noqa: F401  (registers torch.ops.dsx.gated_act)
-from dsx.graph.fx_utils import Rewrite, rewrite, tensor_meta
+from dsx.graph.fx_utils import ACTIVATIONS, Rewrite, rewrite, tensor_meta
 
 aten = torch.ops.aten
 
-ACTIVATIONS: dict[str, Callable[[Any], Any]] = {
-    "silu": aten.silu.default,
-    "gelu": aten.gelu.default,
-    "gelu_tanh": lambda a: aten.gelu.default(a, approximate="tanh"),
-}
-"""The gate activations ``dsx.gated_act`` computes, by its name for them, as the ATen call they match."""
+GATES = ("silu", "gelu", "gelu_tanh")
+"""The gate activations fused (SwiGLU, GeGLU and its tanh form)."""
 
 
 def _same_tensors(bound: dict[str, Any], out: fx.Node) -> bool:
@@ -46,7 +42,7 @@ def _rewrites(name: str, act: Callable[[Any], Any]) -> list[Rewrite]:
     return [Rewrite(gate_first, fused, _same_tensors), Rewrite(gate_last, fused, _same_tensors)]
 
 
-REWRITES = [rw for name, act in ACTIVATIONS.items() for rw in _rewrites(name, act)]
+REWRITES = [rw for name in GATES for rw in _rewrites(name, ACTIVATIONS[name])]
 
 
 def gated_mlp(gm: fx.GraphModule) -> int:
