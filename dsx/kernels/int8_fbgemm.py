@@ -5,7 +5,8 @@ It computes exactly what ``int8_scaled_mm`` does. fbgemm quantizes a float input
 u8 x s8 products cannot overflow int16 without VNNI); the int8 activations are therefore fed as their positive and
 negative parts (integers 0..127, fbgemm's codes with ``reduce_range``) with a row of 127s that pins fbgemm's input scale
 to exactly 1, and the int32 products of the two halves are subtracted: the same exact integer product, at the cost of
-twice the rows (free at decode sizes, where the weight's bytes set the time).
+twice the rows (free at decode sizes, where the weight's bytes set the time). Weights with 7-bit codes (``int8_w7``)
+need no split: with them no pair of 8-bit products can overflow, so the signed codes go in as they are, one pass.
 """
 
 from __future__ import annotations
@@ -57,6 +58,44 @@ def _pinned_mm(v: torch.Tensor, packed: Any) -> torch.Tensor:
     y = torch.ops.quantized.linear_dynamic(torch.cat((v.neg(), v, v.new_full((1, v.shape[1]), QMAX))).relu_(),
                                            packed, True)
     return torch.sub(y[m:2 * m], y[:m])
+
+
+@functools.lru_cache(maxsize=64)
+def _pin_row(k: int) -> torch.Tensor:
+    """A row of ``k`` values whose range is exactly [-128, 127] (``k >= 2``): appended to rows of codes in [-127, 127],
+    it pins fbgemm's 8-bit input scale to 1 and its zero point to 128, so every code goes in exactly."""
+    row = torch.full((1, k), float(QMAX))
+    row[0, 0] = -QMAX - 1.0
+    return row
+
+
+def int8_w7_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Tensor] = None,
+                      absmax: Optional[torch.Tensor] = None,
+                      out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``quantize_per_token`` then ``int8_scaled_mm`` for a weight whose codes lie in [-63, 63], in one fbgemm pass.
+
+    Without VNNI, fbgemm sums pairs of u8 x s8 products in int16: 8-bit activations (shifted to 1..255) overflow it
+    with 8-bit weights, never with 7-bit ones (``2 * 255 * 63 < 2**15``). The activations are rounded here to their
+    per-token codes (fbgemm's own rounding adds its zero point first, in fp32, and can round a code the other way)
+    and a pinned row fixes fbgemm's input scale to exactly 1, so the int32 product is the exact one.
+
+    Args:
+        x: float rows [M, K] (K >= 2).
+        packed: ``prepack(w, w_scale)`` of the int8 weight with codes in [-63, 63].
+        bias: a floating [N] tensor or None.
+        absmax: per-row ``max |x|`` [M, 1] to quantize with instead of the rows' own (codes beyond it clamp).
+        out_dtype: the result's dtype (None: ``x.dtype``).
+
+    Returns:
+        A new [M, N] tensor.
+    """
+    m = x.shape[0]
+    amax = (x.abs().amax(-1, keepdim=True) if absmax is None else absmax).float().clamp_min(AMAX_MIN)
+    codes = torch.mul(x, QMAX / amax).round_()
+    if absmax is not None:
+        codes.clamp_(-QMAX, QMAX)
+    y = torch.ops.quantized.linear_dynamic(torch.cat((codes, _pin_row(x.shape[1]))), packed, False)
+    return _finish(y[:m].mul_(amax.mul_(LIFT / QMAX)), bias, out_dtype or x.dtype)
 
 
 def _finish(out: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:

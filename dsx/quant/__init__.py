@@ -5,10 +5,10 @@ configs, and the 8-bit KV cache.
 """
 
 from dsx.quant.config import (NF4, BFloat16, EmbeddingOnly, Float16, FP8Dynamic, FP8WeightOnly, Int4WeightOnly,
-                              Int8Dynamic, Int8Static, Int8WeightOnly, LLMInt8, QuantConfig, valid_formats)
+                              Int8Dynamic, Int8Static, Int8W7, Int8WeightOnly, LLMInt8, QuantConfig, valid_formats)
 from dsx.quant.kv_cache import QuantizedCache, cache_bytes, use_quantized_cache
 from dsx.quant.quantize import Convert, Quantize, convert, quantize
 
 __all__ = ["BFloat16", "Convert", "EmbeddingOnly", "FP8Dynamic", "FP8WeightOnly", "Float16", "Int4WeightOnly",
-           "Int8Dynamic", "Int8Static", "Int8WeightOnly", "LLMInt8", "NF4", "QuantConfig", "QuantizedCache",
-           "Quantize", "cache_bytes", "convert", "quantize", "use_quantized_cache", "valid_formats"]
+           "Int8Dynamic", "Int8Static", "Int8W7", "Int8WeightOnly", "LLMInt8", "NF4", "QuantConfig",
+           "QuantizedCache", "Quantize", "cache_bytes", "convert", "quantize", "use_quantized_cache", "valid_formats"]

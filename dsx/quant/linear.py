@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
 from dsx.core.modules import is_hf_conv1d
-from dsx.kernels.int8_fbgemm import int8_dynamic_mm_fbgemm, int8_scaled_mm_fbgemm, prepack, use_fbgemm
+from dsx.kernels.int8_fbgemm import (int8_dynamic_mm_fbgemm, int8_scaled_mm_fbgemm, int8_w7_mm_fbgemm, prepack,
+                                     use_fbgemm)
 from dsx.kernels.int8_mm import int8_scaled_mm, int8_scaled_mm_cpu, int8_weight_only_mm
 from dsx.kernels.quantize_fp8 import quantize_fp8_rowwise
 from dsx.kernels.quantize_per_token import AMAX_MIN, quantize_per_token, quantize_per_token_cpu
@@ -37,18 +38,20 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     return w, None if module.bias is None else module.bias.detach()
 
 
-def quantize_weight(w: torch.Tensor, dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(w: torch.Tensor, dtype: torch.dtype = torch.int8,
+                    qmax: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric quantization to int8 (rounded, +-127) or float8 e4m3 (+-448).
 
     Args:
         w: the float weight ``[N, K]``.
         dtype: ``torch.int8`` or ``torch.float8_e4m3fn``.
+        qmax: the largest code (None: the dtype's, 127 or 448; 63 gives 7-bit int8 codes).
 
     Returns:
         ``(q [N, K] dtype, scale [N] fp32)`` with ``w ~= q * scale[:, None]``.
     """
     w = w.float()
-    qmax = 127.0 if dtype == torch.int8 else FP8_MAX
+    qmax = qmax or (127.0 if dtype == torch.int8 else FP8_MAX)
     scale = w.abs().amax(dim=1).clamp_min(1e-12) / qmax
     q = w / scale[:, None]
     return (torch.round(q) if dtype == torch.int8 else q).clamp_(-qmax, qmax).to(dtype), scale
@@ -231,18 +234,43 @@ class Int8Linear(QuantLinear):
     format = "int8"
     description = "dynamic per-token int8 activations, per-channel int8 weights"
 
+    def fbgemm_forward(self, rows: torch.Tensor, absmax: torch.Tensor | None, bias: torch.Tensor | None,
+                       dtype: torch.dtype) -> torch.Tensor | None:
+        """The eager CPU product on fbgemm where it is the fast path (else None): the exact 8-bit codes in two
+        halves, for the rows' own maxima."""
+        if absmax is None and eager_cpu(rows) and use_fbgemm(rows, rows.shape[0]):
+            return int8_dynamic_mm_fbgemm(rows, self._fbgemm_pack(), bias)
+        return None
+
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._rows(x)
         absmax, bias, dtype = self.input_absmax(rows), self.output_bias(), self.output_dtype(x)
-        if absmax is None and eager_cpu(rows) and use_fbgemm(rows, rows.shape[0]):
-            out = int8_dynamic_mm_fbgemm(rows, self._fbgemm_pack(), bias)
-        elif eager_cpu(rows):
-            xq, xs = quantize_per_token_cpu(rows, absmax)
-            out = int8_scaled_mm_cpu(xq, xs, self.weight.t(), self.weight_scale, bias, dtype)
-        else:
-            xq, xs = quantize_per_token(rows, absmax)
-            out = int8_scaled_mm(xq, xs, self.weight.t(), self.weight_scale, bias, dtype)
+        out = self.fbgemm_forward(rows, absmax, bias, dtype)
+        if out is None:
+            cpu = eager_cpu(rows)
+            xq, xs = (quantize_per_token_cpu if cpu else quantize_per_token)(rows, absmax)
+            out = (int8_scaled_mm_cpu if cpu else int8_scaled_mm)(xq, xs, self.weight.t(), self.weight_scale, bias,
+                                                                   dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8W7Linear(Int8Linear):
+    """``int8_w7``: ``int8`` with 7-bit weight codes (+-63). Every int8 kernel runs it unchanged; on CPUs without
+    VNNI, fbgemm then takes the 8-bit activation codes in one pass instead of two (``int8_w7_mm_fbgemm``)."""
+
+    format = "int8_w7"
+    description = "dynamic per-token int8 activations, per-channel 7-bit weights"
+    WEIGHT_QMAX = 63.0
+
+    @classmethod
+    def quantize_weight(cls, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_weight(w, torch.int8, cls.WEIGHT_QMAX)
+
+    def fbgemm_forward(self, rows: torch.Tensor, absmax: torch.Tensor | None, bias: torch.Tensor | None,
+                       dtype: torch.dtype) -> torch.Tensor | None:
+        if eager_cpu(rows) and rows.shape[1] >= 2 and use_fbgemm(rows, rows.shape[0]):
+            return int8_w7_mm_fbgemm(rows, self._fbgemm_pack(), bias, absmax, dtype)
+        return None
 
 
 class Int8StaticLinear(QuantLinear):

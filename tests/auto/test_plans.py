@@ -34,6 +34,7 @@ def test_int8_is_compiled_only_where_the_cpu_has_int8_dot_products(monkeypatch, 
     got = names(candidates(CPU, lossy=True, formats=None, calibrated=True, compile=True))
     assert {"int8", "int8_static", "int8_weight_only+compile"} <= set(got)
     assert ("int8+compile" in got) == ("int8_static+compile" in got) == int8_dot
+    assert ("int8_w7" in got) != int8_dot and "int8_w7+compile" not in got  # its one-pass fbgemm path is eager
 
 
 def test_given_formats_are_tried_as_given():

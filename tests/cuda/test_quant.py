@@ -1,4 +1,4 @@
-"""``dsx.quantize`` on the test device for every format of the registry that builds dsx quantized layers (int8,
+"""``dsx.quantize`` on the test device for every format of the registry that builds dsx quantized layers (int8, int8_w7,
 int8_static, int8_weight_only, int4_weight_only; fp8 and fp8_weight_only from compute capability 8.9): each layer's
 output against its own float64 definition (the dequantized weight for weight-only formats, the exact integer or fp8
 product of the quantized activations otherwise), the model's output against the float model's, and all formats in one
@@ -24,7 +24,7 @@ from tests.cuda.cuda_testing import (DEVICE, MLP, ON_CUDA, TOL, cosine, needs_de
 
 pytestmark = needs_device
 
-FORMATS = ("int8", "int8_static", "int8_weight_only", "int4_weight_only", "fp8", "fp8_weight_only")
+FORMATS = ("int8", "int8_w7", "int8_static", "int8_weight_only", "int4_weight_only", "fp8", "fp8_weight_only")
 FP8_FORMATS = ("fp8", "fp8_weight_only")
 DTYPES = (torch.float32, torch.bfloat16)
 EMULATION_TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2}

@@ -7,11 +7,11 @@ from safetensors.torch import load_file, save_file
 
 import dsx.quant.linear as quant_linear
 from dsx.kernels.int8_fbgemm import fbgemm_available
-from dsx.quant.linear import (FP8, FP8Linear, FP8WeightOnlyLinear, Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear,
-                              fp8_supported, is_linear, linear_weight, quantize_weight,
+from dsx.quant.linear import (FP8, FP8Linear, FP8WeightOnlyLinear, Int8Linear, Int8StaticLinear, Int8W7Linear,
+                              Int8WeightOnlyLinear, fp8_supported, is_linear, linear_weight, quantize_weight,
                               scaled_mm_options)
 
-ALL = [Int8Linear, Int8WeightOnlyLinear, FP8Linear, FP8WeightOnlyLinear]
+ALL = [Int8Linear, Int8W7Linear, Int8WeightOnlyLinear, FP8Linear, FP8WeightOnlyLinear]
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -30,6 +30,13 @@ def test_int8_weight_quantization_is_within_half_a_step():
     assert q.dtype == torch.int8 and scale.shape == (32,) and q.abs().max() <= 127
     assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
     assert (q.abs().amax(1) == 127).all()
+
+
+def test_7_bit_weight_codes_are_within_half_a_step():
+    w = torch.randn(32, 40) * torch.logspace(-2, 1, 32)[:, None]
+    q, scale = Int8W7Linear.quantize_weight(w)
+    assert q.dtype == torch.int8 and (q.abs().amax(1) == 63).all()
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
 
 
 def test_fp8_weight_quantization_is_close():
@@ -62,7 +69,7 @@ def test_int8_linear_matches_an_exact_integer_computation(linear, monkeypatch):
 
 
 @pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no fbgemm")
-@pytest.mark.parametrize("cls", [Int8Linear, Int8StaticLinear], ids=lambda c: c.format)
+@pytest.mark.parametrize("cls", [Int8Linear, Int8W7Linear, Int8StaticLinear], ids=lambda c: c.format)
 def test_fbgemm_and_aten_paths_agree(cls, linear, monkeypatch):
     q = cls.from_float(linear)
     x = torch.randn(2, 5, 64)
@@ -77,7 +84,7 @@ def test_fbgemm_and_aten_paths_agree(cls, linear, monkeypatch):
 
 def test_bf16_activations_keep_their_dtype(linear):
     x = torch.randn(4, 64, dtype=torch.bfloat16)
-    for cls in (Int8Linear, Int8WeightOnlyLinear, FP8WeightOnlyLinear):
+    for cls in (Int8Linear, Int8W7Linear, Int8WeightOnlyLinear, FP8WeightOnlyLinear):
         out = cls.from_float(linear.to(torch.bfloat16))(x)
         assert out.dtype == torch.bfloat16
         assert cosine(out, linear(x).detach()) > 0.99
