@@ -57,6 +57,7 @@ def variants(model: nn.Module) -> dict[str, Callable[[], nn.Module]]:
         "fp32 eager": lambda: model,
         "bf16 eager": lambda: copy.deepcopy(model).to(bf16),
         "dsx int8": lambda: dsx.quantize(model, "int8", progress=False),
+        "dsx int8_w7": lambda: dsx.quantize(model, "int8_w7", progress=False),
         "dsx int8_weight_only (fp32)": lambda: dsx.quantize(model, "int8_weight_only", progress=False),
         "dsx int8_weight_only (bf16)": lambda: dsx.quantize(model, "int8_weight_only", progress=False).to(bf16),
         "dsx int4_weight_only hqq g128 (fp32)": lambda: dsx.quantize(model, Int4WeightOnly(), progress=False),

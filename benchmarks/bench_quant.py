@@ -121,6 +121,10 @@ def dsx_int8_compile(case: Case) -> tuple[Run, str]:
     return case.run(torch.compile(case.dsx_int8, backend="dsx")), ""
 
 
+def dsx_int8_w7(case: Case) -> tuple[Run, str]:
+    return case.run(dsx.quantize(case.model, "int8_w7", progress=False)), ""
+
+
 def dsx_int8_weight_only(case: Case) -> tuple[Run, str]:
     return case.run(dsx.quantize(case.model, "int8_weight_only", progress=False)), ""
 
@@ -136,6 +140,7 @@ ROWS: dict[str, tuple[str, Callable[[Case], tuple[Run, str]]]] = {
     "torchao int8 dynamic + torch.compile": ("compiled", torchao_compile),
     "dsx int8": ("eager", dsx_int8),
     'dsx int8 + torch.compile(backend="dsx")': ("compiled", dsx_int8_compile),
+    "dsx int8_w7 (7-bit weights)": ("eager", dsx_int8_w7),
     "dsx int8_weight_only": ("eager", dsx_int8_weight_only),
 }
 

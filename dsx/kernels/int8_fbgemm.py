@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 from dsx.core.hardware import has_int8_dot
-from dsx.kernels.quantize_per_token import AMAX_MIN, QMAX
+from dsx.kernels.quantize_per_token import AMAX_MIN, QMAX, chunk_rows, row_amax
 
 MAX_ROWS_WITH_INT8_DOT = 16
 """With AVX512-VNNI, rows up to this many run fbgemm (ahead at decode sizes), more run ``torch._int_mm``."""
@@ -89,13 +89,20 @@ def int8_w7_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Tensor]
     Returns:
         A new [M, N] tensor.
     """
-    m = x.shape[0]
-    amax = (x.abs().amax(-1, keepdim=True) if absmax is None else absmax).float().clamp_min(AMAX_MIN)
-    codes = torch.mul(x, QMAX / amax).round_()
-    if absmax is not None:
-        codes.clamp_(-QMAX, QMAX)
-    y = torch.ops.quantized.linear_dynamic(torch.cat((codes, _pin_row(x.shape[1]))), packed, False)
-    return _finish(y[:m].mul_(amax.mul_(LIFT / QMAX)), bias, out_dtype or x.dtype)
+    m, k = x.shape
+    codes = torch.empty((m + 1, k), dtype=torch.float32)
+    codes[m:] = _pin_row(k)
+    given = None if absmax is None else absmax.float().clamp_min(AMAX_MIN)
+    amax = torch.empty((m, 1), dtype=torch.float32)
+    step = chunk_rows(k)
+    for s in range(0, m, step):  # a chunk is read from memory once, then rounded in cache
+        rows = x[s:s + step]
+        amax[s:s + step] = row_amax(rows) if given is None else given[s:s + step]
+        chunk = torch.mul(rows, QMAX / amax[s:s + step], out=codes[s:s + step]).round_()
+        if given is not None:
+            chunk.clamp_(-QMAX, QMAX)
+    y = torch.ops.quantized.linear_dynamic(codes, packed, False)[:m]
+    return _finish(y.mul_(amax.mul_(LIFT / QMAX)), bias, out_dtype or x.dtype)
 
 
 def _finish(out: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
