@@ -96,9 +96,9 @@ def int8_w7_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Tensor]
     amax = torch.empty((m, 1), dtype=torch.float32)
     step = chunk_rows(k)
     for s in range(0, m, step):  # a chunk is read from memory once, then rounded in cache
-        rows = x[s:s + step]
-        amax[s:s + step] = row_amax(rows) if given is None else given[s:s + step]
-        chunk = torch.mul(rows, QMAX / amax[s:s + step], out=codes[s:s + step]).round_()
+        e = min(s + step, m)
+        amax[s:e] = row_amax(x[s:e]) if given is None else given[s:e]
+        chunk = torch.mul(x[s:e], QMAX / amax[s:e], out=codes[s:e]).round_()
         if given is not None:
             chunk.clamp_(-QMAX, QMAX)
     y = torch.ops.quantized.linear_dynamic(codes, packed, False)[:m]

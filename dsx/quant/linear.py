@@ -268,9 +268,13 @@ class Int8W7Linear(Int8Linear):
 
     def fbgemm_forward(self, rows: torch.Tensor, absmax: torch.Tensor | None, bias: torch.Tensor | None,
                        dtype: torch.dtype) -> torch.Tensor | None:
-        if eager_cpu(rows) and rows.shape[1] >= 2 and use_fbgemm(rows, rows.shape[0]):
-            return int8_w7_mm_fbgemm(rows, self._fbgemm_pack(), bias, absmax, dtype)
-        return None
+        """One pass for two rows and more; a single row (decode) takes ``int8``'s path, whose one-row case needs the
+        fewest operations (the same integer product: 7-bit codes are int8 codes)."""
+        if not (eager_cpu(rows) and rows.shape[1] >= 2 and use_fbgemm(rows, rows.shape[0])):
+            return None
+        if rows.shape[0] == 1 and absmax is None:
+            return super().fbgemm_forward(rows, absmax, bias, dtype)
+        return int8_w7_mm_fbgemm(rows, self._fbgemm_pack(), bias, absmax, dtype)
 
 
 class Int8StaticLinear(QuantLinear):

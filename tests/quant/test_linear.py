@@ -74,9 +74,10 @@ def test_fbgemm_and_aten_paths_agree(cls, linear, monkeypatch):
     q = cls.from_float(linear)
     x = torch.randn(2, 5, 64)
     monkeypatch.setattr(quant_linear, "use_fbgemm", lambda x, rows: False)
-    ref = q(x)
+    ref, ref_one = q(x), q(x[0, :1])
     monkeypatch.setattr(quant_linear, "use_fbgemm", lambda x, rows: True)
     assert torch.allclose(q(x), ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(q(x[0, :1]), ref_one, rtol=1e-5, atol=1e-5)  # one row: the fewest-operations path
     q.weight.mul_(-1)  # an in-place change of the weight repacks
     assert torch.allclose(q(x), 2 * q.bias - ref, rtol=1e-5, atol=1e-5)
     assert copy.deepcopy(q)._fbgemm is None and torch.equal(copy.deepcopy(q)(x), q(x))
