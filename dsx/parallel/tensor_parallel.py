@@ -17,7 +17,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from torch.nn.utils import parametrize
 
 from dsx.core.modules import is_hf_conv1d
-from dsx.quant.linear import LINEARS, QuantLinear
+from dsx.quant.linear import QuantLinear
 from dsx.quant.tensor_split import STYLES, placement
 
 DEFAULT_RULES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
@@ -62,7 +62,7 @@ def _split_float(module: nn.Module, mesh: DeviceMesh, style: str, chunks: int) -
 
 def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
     """``(in_features, out_features)`` of a layer ``tensor_parallel`` can split, None for any other module."""
-    if type(module) in LINEARS.values():
+    if isinstance(module, QuantLinear):
         known = all(set(module._buffers) <= set(dims) for dims in module.SHARD_DIMS.values())
         return (module.in_features, module.out_features) if known and module.split is None else None
     if isinstance(module, nn.Linear):
@@ -141,7 +141,7 @@ def _check_layer(model: nn.Module, name: str, style: str, world: int) -> int:
                          "first with dsx.make_permanent")
     dims = _linear_dims(module)
     if dims is None:
-        supported = ["nn.Linear", "transformers Conv1D", *(c.__name__ for c in LINEARS.values())]
+        supported = ["nn.Linear", "transformers Conv1D", "dsx int8 / fp8 quantized linears"]
         raise TypeError(f"plan: {name!r} is a {type(module).__name__}; tensor_parallel splits {supported}")
     in_features, out_features = dims
     chunks = _chunks(model, name, out_features) if style == "colwise" else 1

@@ -401,11 +401,6 @@ class FP8WeightOnlyLinear(QuantLinear):
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-LINEARS: dict[str, type[QuantLinear]] = {
-    cls.format: cls for cls in (Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear, FP8Linear, FP8WeightOnlyLinear)
-}
-
-
 def fp8_supported(device: torch.device) -> str | None:
     """None when ``torch._scaled_mm`` runs row-wise e4m3 on ``device``, else the reason it does not."""
     if device.type == "cuda":

@@ -14,7 +14,7 @@ from dsx.parallel.sharding import full_state_dict
 from dsx.parallel.tensor_parallel import default_plan, tensor_parallel
 from tests.parallel.dist_utils import run_distributed
 
-FORMATS = ("int8", "int8_weight_only", "int8_static", "fp8")
+FORMATS = ("int8", "int8_w7", "int8_weight_only", "int8_static", "fp8")
 
 
 class GatedMLP(nn.Module):

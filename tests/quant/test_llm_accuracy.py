@@ -1,5 +1,5 @@
-"""Accuracy of the LLM formats on real text: held-out perplexity of the tiny trained Llama fixture after int8,
-int4 RTN / HQQ / GPTQ, and greedy-token agreement of int8 with fp32."""
+"""Accuracy of the LLM formats on real text: held-out perplexity of the tiny trained Llama fixture after int8 and
+int8_w7, int4 RTN / HQQ / GPTQ, and greedy-token agreement of int8 with fp32."""
 
 import pytest
 import torch
@@ -33,9 +33,10 @@ def calibration():
     return [ids[i * CALIB_LEN:(i + 1) * CALIB_LEN].view(1, -1) for i in range(CALIB_BATCHES)]
 
 
-def test_int8_perplexity_within_1_percent(model, text, fp32_ppl):
-    ppl = perplexity(dsx.quantize(model, "int8", progress=False), text)
-    print(f"fp32 {fp32_ppl:.4f} int8 {ppl:.4f}")
+@pytest.mark.parametrize("fmt", ["int8", "int8_w7"])
+def test_int8_perplexity_within_1_percent(model, text, fp32_ppl, fmt):
+    ppl = perplexity(dsx.quantize(model, fmt, progress=False), text)
+    print(f"fp32 {fp32_ppl:.4f} {fmt} {ppl:.4f}")
     assert ppl <= 1.01 * fp32_ppl
 
 
