@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from dsx.core.hardware import has_int8_dot
 from dsx.kernels._triton import TRITON_DTYPES, next_pow2, prune_for_interpreter, use_triton
 from dsx.kernels.quantize_per_token import chunk_rows
 
@@ -217,6 +218,15 @@ def _epilogue_(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
     return y
 
 
+def _compiled_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The int8 product in a compiled CPU graph: ``torch._int_mm`` where the CPU has int8 dot products; elsewhere
+    (AVX2) its scalar loop runs tens of times slower than an fp32 matmul, so the codes are multiplied as fp32 (exact
+    while partial sums stay below 2**24, else within fp32 rounding), at about fp32 speed."""
+    if a.device.type != "cpu" or has_int8_dot():
+        return torch._int_mm(a, b)
+    return torch.mm(a.float(), b.float())
+
+
 def _scaled_mm_aten(
     a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, bias: Optional[torch.Tensor],
     out_dtype: torch.dtype,
@@ -226,7 +236,7 @@ def _scaled_mm_aten(
     _check_scaled_mm(a, a_scale, b, b_scale, bias, out_dtype)
     a, b = _no_broadcast(a), _no_broadcast(b)
     if torch.compiler.is_compiling():
-        y = torch._int_mm(a, b) * a_scale * b_scale
+        y = _compiled_int_mm(a, b) * a_scale * b_scale
         return (y if bias is None else y + bias.float()).to(out_dtype)
     m, n = a.shape[0], b.shape[1]
     if out_dtype == torch.float32:

@@ -231,6 +231,22 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("int8_dot", [True, False])
+def test_compiled_cpu_product_without_int8_dot_is_an_fp32_matmul(int8_dot, monkeypatch):
+    """Without VNNI / AMX ``torch._int_mm`` is a scalar loop: compiled graphs multiply the codes in fp32 instead."""
+    monkeypatch.setattr(k, "has_int8_dot", lambda: int8_dot)
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(1) or real(a, b))
+    a, b = torch.randint(-127, 128, (5, 64), dtype=torch.int8), torch.randint(-127, 128, (64, 24), dtype=torch.int8)
+    (a_scale, b_scale), bias = scales(5, 24), torch.randn(24)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the branch a compiled graph traces
+    out = k._scaled_mm_aten(a, a_scale.cpu(), b, b_scale.cpu(), bias, torch.float32)
+    assert bool(calls) == int8_dot
+    ref = k.scaled_mm_reference(a, a_scale.cpu(), b, b_scale.cpu(), bias, torch.float32)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
 def test_torch_compile_weight_only_bf16_on_the_cpu():
     """Inductor's CPU lowering of ``_weight_int8pack_mm`` refuses computed scales: compiled, the op dequantizes."""
     w = torch.randint(-127, 128, (32, 48), dtype=torch.int8)
