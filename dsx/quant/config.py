@@ -26,8 +26,8 @@ COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def int8_compiles_fast(device: torch.device) -> bool:
-    """Compiled graphs run ``dsx::int8_scaled_mm`` as ``torch._int_mm`` on the CPU: fast only with int8 dot-product
-    instructions (eager layers run fbgemm without them)."""
+    """Compiled graphs run ``dsx::int8_scaled_mm`` as ``torch._int_mm`` on a CPU with int8 dot-product instructions
+    and as an fp32 matmul of the codes without them (no faster than float; eager layers run fbgemm there)."""
     return device.type != "cpu" or has_int8_dot()
 
 
