@@ -19,7 +19,7 @@ from dsx.kernels.int8_fbgemm import (int8_dynamic_mm_fbgemm, int8_scaled_mm_fbge
                                      use_fbgemm)
 from dsx.kernels.int8_mm import int8_scaled_mm, int8_scaled_mm_cpu, int8_weight_only_mm
 from dsx.kernels.quantize_fp8 import quantize_fp8_rowwise
-from dsx.kernels.quantize_per_token import AMAX_MIN, quantize_per_token, quantize_per_token_cpu
+from dsx.kernels.quantize_per_token import quantize_per_token, quantize_per_token_cpu
 from dsx.quant.tensor_split import TensorSplit, split_buffers
 
 FP8 = torch.float8_e4m3fn
@@ -364,11 +364,7 @@ class FP8Linear(QuantLinear):
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._rows(x)
         absmax, bias = self.input_absmax(rows), self.output_bias()
-        if absmax is None:
-            xq, xs = quantize_fp8_rowwise(rows)
-        else:  # as dsx::quantize_fp8_rowwise, with the whole row's maximum
-            xs = absmax.clamp_min(AMAX_MIN) / FP8_MAX
-            xq = torch.div(rows, xs).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        xq, xs = quantize_fp8_rowwise(rows, absmax)
         out = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.view(1, -1),
                                **scaled_mm_options(x.device, bias))
         if bias is not None and not x.is_cuda:

@@ -24,7 +24,8 @@ def check_shapes(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
     assert scale.dtype == torch.float32 and scale.shape == (*x.shape[:-1], 1)
 
 
-def assert_kernel_matches_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+def assert_kernel_matches_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                                    absmax: torch.Tensor | None = None) -> None:
     """The scale matches the reference exactly, and so does ``q`` on a GPU.
 
     The Triton interpreter stores fp8 through its own float conversion, which differs from round-to-nearest-even in
@@ -33,7 +34,7 @@ def assert_kernel_matches_reference(x: torch.Tensor, q: torch.Tensor, scale: tor
     those elements may differ, and only in that way.
     """
     check_shapes(x, q, scale)
-    rq, rs = k.reference(x.cpu())
+    rq, rs = k.reference(x.cpu(), None if absmax is None else absmax.cpu())
     assert torch.equal(scale.cpu(), rs)
     if DEVICE.type == "cuda":
         assert torch.equal(bits(q), bits(rq))
