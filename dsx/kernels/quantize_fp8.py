@@ -43,10 +43,7 @@ def _quantize_fp8_rowwise_fwd(X, Q, S, stride_xm, stride_xn, N, amax_min, A, HAS
 
 def _launch(x: torch.Tensor, absmax: Optional[torch.Tensor] = None,
             kernel: Any = _quantize_fp8_rowwise_fwd) -> Tuple[torch.Tensor, torch.Tensor]:
-    check_absmax("quantize_fp8_rowwise", x, absmax)
-    given = absmax is not None
-    return launch_rowwise("quantize_fp8_rowwise", x, kernel, torch.float8_e4m3fn,
-                          A=absmax.reshape(-1).contiguous() if given else x, HAS_AMAX=given)
+    return launch_rowwise("quantize_fp8_rowwise", x, kernel, torch.float8_e4m3fn, absmax)
 
 
 def quantize_fp8_rowwise_triton(x: torch.Tensor,

@@ -101,28 +101,28 @@ def check_absmax(name: str, x: torch.Tensor, absmax: Optional[torch.Tensor]) -> 
 
 
 def launch_rowwise(name: str, x: torch.Tensor, kernel: Any, qdtype: torch.dtype,
-                   **extra: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Run a one-program-per-row quantize kernel ``kernel(X, Q, S, stride_xm, stride_xn, N, amax_min, BLOCK)``
-    (``extra``: its further keyword arguments): ``(q`` of ``qdtype`` shaped like ``x``, fp32 ``scale`` of
-    ``scale_shape(x))``."""
+                   absmax: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run a one-program-per-row quantize kernel ``kernel(X, Q, S, stride_xm, stride_xn, N, amax_min, A, HAS_AMAX,
+    BLOCK)`` (``A``: the given per-row maxima, read when ``HAS_AMAX``): ``(q`` of ``qdtype`` shaped like ``x``, fp32
+    ``scale`` of ``scale_shape(x))``."""
     check_quantize_input(name, x)
+    check_absmax(name, x, absmax)
     n = x.shape[-1]
     q = torch.empty(x.shape, dtype=qdtype, device=x.device)
     scale = torch.empty(scale_shape(x), dtype=torch.float32, device=x.device)
     x2 = x.reshape(-1, n)
+    given = absmax is not None
     if x2.shape[0]:
         kernel[(x2.shape[0],)](
-            x2, q, scale, x2.stride(0), x2.stride(1), n, AMAX_MIN, BLOCK=min(next_pow2(n), MAX_BLOCK), **extra,
+            x2, q, scale, x2.stride(0), x2.stride(1), n, AMAX_MIN, absmax.reshape(-1).contiguous() if given else x2,
+            HAS_AMAX=given, BLOCK=min(next_pow2(n), MAX_BLOCK),
         )
     return q, scale
 
 
 def _launch(x: torch.Tensor, absmax: Optional[torch.Tensor] = None,
             kernel: Any = _quantize_per_token_fwd) -> Tuple[torch.Tensor, torch.Tensor]:
-    check_absmax("quantize_per_token", x, absmax)
-    given = absmax is not None
-    return launch_rowwise("quantize_per_token", x, kernel, torch.int8,
-                          A=absmax.reshape(-1).contiguous() if given else x, HAS_AMAX=given)
+    return launch_rowwise("quantize_per_token", x, kernel, torch.int8, absmax)
 
 
 def quantize_per_token_triton(x: torch.Tensor,
