@@ -49,7 +49,7 @@ def cosine(a, b):
 
 
 def formats():
-    out = ["int8", "int8_weight_only", "fp8_weight_only", "int8_static", "embedding_int8", "embedding_int4"]
+    out = ["int8", "int8_w7", "int8_weight_only", "fp8_weight_only", "int8_static", "embedding_int8", "embedding_int4"]
     return out + (["fp8"] if CPU_FP8 else [])
 
 
