@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 from dsx.core.hardware import has_int8_dot
-from dsx.kernels.quantize_per_token import AMAX_MIN, QMAX, chunk_rows, row_amax
+from dsx.kernels.quantize_per_token import AMAX_MIN, QMAX
 
 MAX_ROWS_WITH_INT8_DOT = 16
 """With AVX512-VNNI, rows up to this many run fbgemm (ahead at decode sizes), more run ``torch._int_mm``."""
@@ -69,40 +69,16 @@ def _pin_row(k: int) -> torch.Tensor:
     return row
 
 
-def int8_w7_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Tensor] = None,
-                      absmax: Optional[torch.Tensor] = None,
-                      out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``quantize_per_token`` then ``int8_scaled_mm`` for a weight whose codes lie in [-63, 63], in one fbgemm pass.
-
-    Without VNNI, fbgemm sums pairs of u8 x s8 products in int16: 8-bit activations (shifted to 1..255) overflow it
-    with 8-bit weights, never with 7-bit ones (``2 * 255 * 63 < 2**15``). The activations are rounded here to their
-    per-token codes (fbgemm's own rounding adds its zero point first, in fp32, and can round a code the other way)
-    and a pinned row fixes fbgemm's input scale to exactly 1, so the int32 product is the exact one.
-
-    Args:
-        x: float rows [M, K] (K >= 2).
-        packed: ``prepack(w, w_scale)`` of the int8 weight with codes in [-63, 63].
-        bias: a floating [N] tensor or None.
-        absmax: per-row ``max |x|`` [M, 1] to quantize with instead of the rows' own (codes beyond it clamp).
-        out_dtype: the result's dtype (None: ``x.dtype``).
-
-    Returns:
-        A new [M, N] tensor.
-    """
-    m, k = x.shape
+def _pinned_signed_mm(a: torch.Tensor, packed: Any) -> torch.Tensor:
+    """``a @ W^T * w_scale / LIFT`` (fp32 [M, N]) for int8 codes ``a`` [M, K] (K >= 2) and a weight whose codes lie
+    in [-63, 63], in one pass: without VNNI fbgemm sums pairs of u8 x s8 products in int16, which 8-bit activations
+    (shifted to 1..255) overflow with 8-bit weights, never with 7-bit ones (``2 * 255 * 63 < 2**15``). The codes go
+    in as integer-valued floats under a pinned row, so fbgemm's rounding (after adding its zero point) is exact."""
+    m, k = a.shape
     codes = torch.empty((m + 1, k), dtype=torch.float32)
+    codes[:m] = a
     codes[m:] = _pin_row(k)
-    given = None if absmax is None else absmax.float().clamp_min(AMAX_MIN)
-    amax = torch.empty((m, 1), dtype=torch.float32)
-    step = chunk_rows(k)
-    for s in range(0, m, step):  # a chunk is read from memory once, then rounded in cache
-        e = min(s + step, m)
-        amax[s:e] = row_amax(x[s:e]) if given is None else given[s:e]
-        chunk = torch.mul(x[s:e], QMAX / amax[s:e], out=codes[s:e]).round_()
-        if given is not None:
-            chunk.clamp_(-QMAX, QMAX)
-    y = torch.ops.quantized.linear_dynamic(codes, packed, False)[:m]
-    return _finish(y.mul_(amax.mul_(LIFT / QMAX)), bias, out_dtype or x.dtype)
+    return torch.ops.quantized.linear_dynamic(codes, packed, False)[:m]
 
 
 def _finish(out: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
@@ -110,7 +86,7 @@ def _finish(out: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dt
 
 
 def int8_scaled_mm_fbgemm(a: torch.Tensor, a_scale: torch.Tensor, packed: Any, bias: Optional[torch.Tensor] = None,
-                          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                          out_dtype: torch.dtype = torch.float32, seven_bit_weight: bool = False) -> torch.Tensor:
     """``(a @ W^T) * a_scale * w_scale + bias`` with an exact int32 product, as ``int8_scaled_mm`` computes it.
 
     Args:
@@ -119,11 +95,13 @@ def int8_scaled_mm_fbgemm(a: torch.Tensor, a_scale: torch.Tensor, packed: Any, b
         packed: ``prepack(w, w_scale)`` of the int8 weight ``W`` [N, K] and its float32 scales [N].
         bias: a floating [N] tensor or None.
         out_dtype: the result's dtype.
+        seven_bit_weight: ``W``'s codes lie in [-63, 63] (``int8_w7``): one fbgemm pass instead of two (K >= 2).
 
     Returns:
         A new [M, N] tensor of ``out_dtype``.
     """
-    return _finish(_pinned_mm(a.float(), packed).mul_(a_scale * LIFT), bias, out_dtype)
+    product = _pinned_signed_mm(a, packed) if seven_bit_weight else _pinned_mm(a.float(), packed)
+    return _finish(product.mul_(a_scale * LIFT), bias, out_dtype)
 
 
 def int8_dynamic_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

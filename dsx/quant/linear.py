@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
 from dsx.core.modules import is_hf_conv1d
-from dsx.kernels.int8_fbgemm import (int8_dynamic_mm_fbgemm, int8_scaled_mm_fbgemm, int8_w7_mm_fbgemm, prepack,
-                                     use_fbgemm)
+from dsx.kernels.int8_fbgemm import int8_dynamic_mm_fbgemm, int8_scaled_mm_fbgemm, prepack, use_fbgemm
 from dsx.kernels.int8_mm import int8_scaled_mm, int8_scaled_mm_cpu, int8_weight_only_mm
 from dsx.kernels.quantize_fp8 import quantize_fp8_rowwise
 from dsx.kernels.quantize_per_token import quantize_per_token, quantize_per_token_cpu
@@ -256,7 +255,7 @@ class Int8Linear(QuantLinear):
 
 class Int8W7Linear(Int8Linear):
     """``int8_w7``: ``int8`` with 7-bit weight codes (+-63). Every int8 kernel runs it unchanged; on CPUs without
-    VNNI, fbgemm then takes the 8-bit activation codes in one pass instead of two (``int8_w7_mm_fbgemm``)."""
+    VNNI, fbgemm then takes the 8-bit activation codes in one pass instead of two (``int8_scaled_mm_fbgemm``)."""
 
     format = "int8_w7"
     description = "dynamic per-token int8 activations, per-channel 7-bit weights"
@@ -274,7 +273,8 @@ class Int8W7Linear(Int8Linear):
             return None
         if rows.shape[0] == 1 and absmax is None:
             return super().fbgemm_forward(rows, absmax, bias, dtype)
-        return int8_w7_mm_fbgemm(rows, self._fbgemm_pack(), bias, absmax, dtype)
+        xq, xs = quantize_per_token_cpu(rows, absmax)
+        return int8_scaled_mm_fbgemm(xq, xs, self._fbgemm_pack(), bias, dtype, seven_bit_weight=True)
 
 
 class Int8StaticLinear(QuantLinear):

@@ -75,6 +75,12 @@ def test_path_choice_follows_the_cpu(monkeypatch):
     assert fb.use_fbgemm(x, fb.MAX_ROWS_WITH_INT8_DOT) and not fb.use_fbgemm(x, fb.MAX_ROWS_WITH_INT8_DOT + 1)
 
 
+def w7_mm(x: torch.Tensor, packed, bias=None, absmax=None, out_dtype=None) -> torch.Tensor:
+    """What ``Int8W7Linear`` runs on fbgemm: per-token codes, then the one-pass product."""
+    xq, xs = quantize_per_token(x, absmax)
+    return fb.int8_scaled_mm_fbgemm(xq, xs, packed, bias, out_dtype or x.dtype, seven_bit_weight=True)
+
+
 def w7_operands(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(n * 7 + k)
     return torch.randint(-63, 64, (n, k), dtype=torch.int8, generator=g), torch.rand(n, generator=g) / 50 + 1e-3
@@ -89,7 +95,7 @@ def test_w7_one_pass_gets_the_exact_product_of_quantize_per_token_codes(rows, dt
     w, w_scale = w7_operands(40, 96)
     b = torch.randn(40) if bias else None
     xq, xs = quantize_per_token(x)
-    out = fb.int8_w7_mm_fbgemm(x, fb.prepack(w, w_scale), b)
+    out = w7_mm(x, fb.prepack(w, w_scale), b)
     ref = scaled_mm_reference(xq, xs, w.t(), w_scale, b, torch.float32)
     assert out.dtype == dtype and out.shape == (rows, 40)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -102,7 +108,7 @@ def test_w7_rounds_as_quantize_per_token():
     below = 0.5 - 2.0**-20
     x = torch.tensor([[127.0, 2.5, 3.5, -0.5, 1.0 + below, -(1.0 + below), 2.0 + below, 0.0]])
     w = torch.eye(8, dtype=torch.int8) * 63
-    out = fb.int8_w7_mm_fbgemm(x, fb.prepack(w, torch.full((8,), 1 / 63)))
+    out = w7_mm(x, fb.prepack(w, torch.full((8,), 1 / 63)))
     assert torch.allclose(out, torch.tensor([[127.0, 2.0, 4.0, 0.0, 1.0, -1.0, 2.0, 0.0]]), rtol=1e-6, atol=1e-4)
 
 
@@ -111,14 +117,14 @@ def test_w7_extreme_codes_do_not_saturate(sign):
     k = 256
     x = torch.full((2, k), 127.0 * sign)
     w = torch.full((8, k), 63, dtype=torch.int8)
-    out = fb.int8_w7_mm_fbgemm(x, fb.prepack(w, torch.ones(8)))
+    out = w7_mm(x, fb.prepack(w, torch.ones(8)))
     assert (out == sign * 127 * 63 * k).all()
 
 
 def test_w7_given_absmax_clamps_codes_and_sets_the_out_dtype():
     x = torch.tensor([[4.0, -2.0, 1.0, 0.5]])
     w = torch.eye(4, dtype=torch.int8) * 63
-    out = fb.int8_w7_mm_fbgemm(x.bfloat16(), fb.prepack(w, torch.full((4,), 1 / 63)), absmax=torch.tensor([[2.0]]),
+    out = w7_mm(x.bfloat16(), fb.prepack(w, torch.full((4,), 1 / 63)), absmax=torch.tensor([[2.0]]),
                                out_dtype=torch.float32)
     assert out.dtype == torch.float32
     assert torch.allclose(out, torch.tensor([[2.0, -2.0, 1.0, 0.5]]), atol=2 / 127)
