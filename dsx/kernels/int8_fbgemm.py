@@ -6,25 +6,29 @@ u8 x s8 products cannot overflow int16 without VNNI); the int8 activations are t
 negative parts (integers 0..127, fbgemm's codes with ``reduce_range``) with a row of 127s that pins fbgemm's input scale
 to exactly 1, and the int32 products of the two halves are subtracted: the same exact integer product, at the cost of
 twice the rows (free at decode sizes, where the weight's bytes set the time). Weights with 7-bit codes (``int8_w7``)
-need no split: with them no pair of 8-bit products can overflow, so the signed codes go in as they are, one pass.
+need no split: with them no pair of 8-bit products can overflow, so the signed codes go in as they are, one pass; a
+single row goes in as it is, fbgemm rounding it over its own 8-bit range.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from typing import Any, Optional
 
 import torch
 
 from dsx.core.hardware import has_int8_dot
-from dsx.kernels.quantize_per_token import AMAX_MIN, QMAX
+from dsx.kernels.quantize_per_token import AMAX_MIN, QMAX, SMALL_ROWS, row_amax
 
 MAX_ROWS_WITH_INT8_DOT = 16
 """With AVX512-VNNI, rows up to this many run fbgemm (ahead at decode sizes), more run ``torch._int_mm``."""
 LIFT = 2.0**20
 """Inputs go to fbgemm multiplied by this, its packed weight scales divided by it (exactly: a power of two). fbgemm's
 input scale is at least 6.1e-5; lifted, a single row with ``amax >= 7.3e-9`` keeps its own scale ``amax / 127``."""
+_LIFT = torch.tensor(LIFT)
+"""``LIFT`` as a tensor: a Python scalar operand costs a conversion on every call."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,33 +64,33 @@ def _pinned_mm(v: torch.Tensor, packed: Any) -> torch.Tensor:
     return torch.sub(y[m:2 * m], y[:m])
 
 
-@functools.lru_cache(maxsize=64)
-def _pin_row(k: int) -> torch.Tensor:
-    """A row of ``k`` values whose range is exactly [-128, 127] (``k >= 2``): appended to rows of codes in [-127, 127],
-    it pins fbgemm's 8-bit input scale to 1 and its zero point to 128, so every code goes in exactly."""
-    row = torch.full((1, k), float(QMAX))
-    row[0, 0] = -QMAX - 1.0
-    return row
+_INPUTS = threading.local()
+MAX_KEPT_INPUT = 1 << 24
+"""Elements of the largest fbgemm input buffer a thread keeps for reuse (64 MiB); larger ones are allocated per call."""
 
 
-def _pinned_signed_mm(a: torch.Tensor, packed: Any) -> torch.Tensor:
-    """``a @ W^T * w_scale / LIFT`` (fp32 [M, N]) for int8 codes ``a`` [M, K] (K >= 2) and a weight whose codes lie
-    in [-63, 63], in one pass: without VNNI fbgemm sums pairs of u8 x s8 products in int16, which 8-bit activations
-    (shifted to 1..255) overflow with 8-bit weights, never with 7-bit ones (``2 * 255 * 63 < 2**15``). The codes go
-    in as integer-valued floats under a pinned row, so fbgemm's rounding (after adding its zero point) is exact."""
-    m, k = a.shape
-    codes = torch.empty((m + 1, k), dtype=torch.float32)
-    codes[:m] = a
-    codes[m:] = _pin_row(k)
-    return torch.ops.quantized.linear_dynamic(codes, packed, False)[:m]
+def _pinned_input(m: int, k: int) -> torch.Tensor:
+    """A [m + 1, k] fp32 buffer whose first row has the range [-128, 127] exactly (``k >= 2``): above rows of codes in
+    [-127, 127], it pins fbgemm's 8-bit input scale to 1 and its zero point to 128, so every code goes in exactly.
+    This thread's buffer for ``k`` is reused (grown as needed): no allocation, page faults or pin copy per call."""
+    kept = _INPUTS.__dict__.setdefault("by_k", {})
+    buf = kept.get(k)
+    if buf is None or buf.shape[0] <= m:
+        buf = torch.full((m + 1, k), QMAX, dtype=torch.float32)
+        buf[0, 0] = -QMAX - 1.0
+        if buf.numel() <= MAX_KEPT_INPUT:
+            kept[k] = buf
+    return buf[:m + 1]
 
 
-def _finish(out: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    return (out if bias is None else out.add_(bias)).to(out_dtype)
+def _finish(out: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+            out_dtype: torch.dtype) -> torch.Tensor:
+    """``out * scale + bias`` as ``out_dtype``, in one pass over ``out``."""
+    return (out.mul_(scale) if bias is None else torch.addcmul(bias.float(), out, scale)).to(out_dtype)
 
 
 def int8_scaled_mm_fbgemm(a: torch.Tensor, a_scale: torch.Tensor, packed: Any, bias: Optional[torch.Tensor] = None,
-                          out_dtype: torch.dtype = torch.float32, seven_bit_weight: bool = False) -> torch.Tensor:
+                          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(a @ W^T) * a_scale * w_scale + bias`` with an exact int32 product, as ``int8_scaled_mm`` computes it.
 
     Args:
@@ -95,13 +99,51 @@ def int8_scaled_mm_fbgemm(a: torch.Tensor, a_scale: torch.Tensor, packed: Any, b
         packed: ``prepack(w, w_scale)`` of the int8 weight ``W`` [N, K] and its float32 scales [N].
         bias: a floating [N] tensor or None.
         out_dtype: the result's dtype.
-        seven_bit_weight: ``W``'s codes lie in [-63, 63] (``int8_w7``): one fbgemm pass instead of two (K >= 2).
 
     Returns:
         A new [M, N] tensor of ``out_dtype``.
     """
-    product = _pinned_signed_mm(a, packed) if seven_bit_weight else _pinned_mm(a.float(), packed)
-    return _finish(product.mul_(a_scale * LIFT), bias, out_dtype)
+    return _finish(_pinned_mm(a.float(), packed), a_scale * LIFT, bias, out_dtype)
+
+
+def int8_w7_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Tensor] = None,
+                      out_dtype: Optional[torch.dtype] = None, absmax: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Float rows ``x`` [M, K] (K >= 2) times a weight whose codes lie in [-63, 63] (``int8_w7``), in one fbgemm pass:
+    without VNNI fbgemm sums pairs of u8 x s8 products in int16, which 8-bit activations overflow with 8-bit weights,
+    never with 7-bit ones (``2 * 255 * 63 < 2**15``).
+
+    Several rows get ``quantize_per_token``'s codes, written as integer-valued floats straight into fbgemm's input
+    below a pinned row (so fbgemm's own rounding, after adding its zero point, keeps them): the exact integer product
+    of ``int8_scaled_mm``. A single row without ``absmax`` (decode) goes in as it is, in the fewest operations: fbgemm
+    quantizes it to 8 bits over its own range ``[min(x, 0), max(x, 0)]`` (asymmetric, a step at most the symmetric
+    code's), lifted so that small rows keep their range.
+
+    Args:
+        x: a floating [M, K] tensor.
+        packed: ``prepack(w, w_scale)`` of the int8 weight ``W`` [N, K] with codes in [-63, 63].
+        bias: a floating [N] tensor or None.
+        out_dtype: the result's dtype (default ``x``'s).
+        absmax: optional fp32 [M, 1] per-row maxima to quantize with, as ``quantize_per_token`` takes them.
+
+    Returns:
+        A new [M, N] tensor: ``x @ (W * w_scale)^T + bias`` up to the rows' 8-bit rounding.
+    """
+    m, k = x.shape
+    if m == 1 and absmax is None:
+        out = torch.ops.quantized.linear_dynamic(torch.mul(x.float(), _LIFT), packed, False)
+        return (out if bias is None else out.add_(bias)).to(out_dtype or x.dtype)
+    if absmax is not None:
+        amax = absmax.float().clamp_min(AMAX_MIN)
+    elif m <= SMALL_ROWS:
+        amax = x.abs().amax(-1, keepdim=True).float().clamp_min_(AMAX_MIN)
+    else:
+        amax = row_amax(x)
+    codes = _pinned_input(m, k)
+    q = torch.mul(x, QMAX / amax, out=codes[1:]).round_()
+    if absmax is not None:
+        q.clamp_(-QMAX, QMAX)
+    product = torch.ops.quantized.linear_dynamic(codes, packed, False)[1:]
+    return _finish(product, torch.div(amax, QMAX / LIFT), bias, out_dtype or x.dtype)
 
 
 def int8_dynamic_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -112,10 +154,10 @@ def int8_dynamic_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Te
     if x.shape[0] == 1:
         signs, difference = _one_row_constants()
         halves = torch.mul(x, signs).relu_()  # [2, K] by broadcasting
-        return _finish(torch.mm(difference, torch.ops.quantized.linear_dynamic(halves, packed, True)), bias, x.dtype)
+        y = torch.ops.quantized.linear_dynamic(halves, packed, True)
+        return (torch.mm(difference, y) if bias is None else torch.addmm(bias.float(), difference, y)).to(x.dtype)
     amax = x.abs().amax(-1, keepdim=True).float().clamp_min_(AMAX_MIN)
-    out = _pinned_mm(torch.mul(x, QMAX / amax), packed).mul_((amax / QMAX).mul_(LIFT))
-    return _finish(out, bias, x.dtype)
+    return _finish(_pinned_mm(torch.mul(x, QMAX / amax), packed), (amax / QMAX).mul_(LIFT), bias, x.dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
 from dsx.core.modules import is_hf_conv1d
-from dsx.kernels.int8_fbgemm import int8_dynamic_mm_fbgemm, int8_scaled_mm_fbgemm, prepack, use_fbgemm
+from dsx.kernels.int8_fbgemm import (int8_dynamic_mm_fbgemm, int8_scaled_mm_fbgemm, int8_w7_mm_fbgemm, prepack,
+                                     use_fbgemm)
 from dsx.kernels.int8_mm import int8_scaled_mm, int8_scaled_mm_cpu, int8_weight_only_mm
 from dsx.kernels.quantize_fp8 import quantize_fp8_rowwise
 from dsx.kernels.quantize_per_token import quantize_per_token, quantize_per_token_cpu
@@ -111,7 +112,8 @@ class QuantLinear(nn.Module, abc.ABC):
 
     def _fbgemm_pack(self) -> Any:
         """fbgemm's packed copy of the int8 weight (never saved), rebuilt when the weight or its scales change."""
-        w, s, cached = self.weight, self.weight_scale, self._fbgemm
+        buffers, cached = self._buffers, self._fbgemm
+        w, s = buffers["weight"], buffers["weight_scale"]
         if cached is None or cached[0] is not w or cached[1] is not s or cached[2] != (w._version, s._version):
             self._fbgemm = cached = (w, s, (w._version, s._version), prepack(w, s))
         return cached[3]
@@ -233,6 +235,15 @@ class Int8Linear(QuantLinear):
     format = "int8"
     description = "dynamic per-token int8 activations, per-channel int8 weights"
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """An unsharded layer's eager CPU product on fbgemm in the fewest Python steps (a decode step runs dozens of
+        layers, each after its weight's bytes have evicted the interpreter's from cache), else ``QuantLinear``'s."""
+        if self.split is None and eager_cpu(x) and not (torch.is_grad_enabled() and x.requires_grad):
+            out = self.fbgemm_forward(self._rows(x), None, self._buffers["bias"], x.dtype)
+            if out is not None:
+                return out.reshape(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
     def fbgemm_forward(self, rows: torch.Tensor, absmax: torch.Tensor | None, bias: torch.Tensor | None,
                        dtype: torch.dtype) -> torch.Tensor | None:
         """The eager CPU product on fbgemm where it is the fast path (else None): the exact 8-bit codes in two
@@ -255,7 +266,7 @@ class Int8Linear(QuantLinear):
 
 class Int8W7Linear(Int8Linear):
     """``int8_w7``: ``int8`` with 7-bit weight codes (+-63). Every int8 kernel runs it unchanged; on CPUs without
-    VNNI, fbgemm then takes the 8-bit activation codes in one pass instead of two (``int8_scaled_mm_fbgemm``)."""
+    VNNI, fbgemm then takes the 8-bit activation codes in one pass instead of two (``int8_w7_mm_fbgemm``)."""
 
     format = "int8_w7"
     description = "dynamic per-token int8 activations, per-channel 7-bit weights"
@@ -267,14 +278,10 @@ class Int8W7Linear(Int8Linear):
 
     def fbgemm_forward(self, rows: torch.Tensor, absmax: torch.Tensor | None, bias: torch.Tensor | None,
                        dtype: torch.dtype) -> torch.Tensor | None:
-        """One pass for two rows and more; a single row (decode) takes ``int8``'s path, whose one-row case needs the
-        fewest operations (the same integer product: 7-bit codes are int8 codes)."""
+        """One pass (``int8_w7_mm_fbgemm``) for every row count."""
         if not (eager_cpu(rows) and rows.shape[1] >= 2 and use_fbgemm(rows, rows.shape[0])):
             return None
-        if rows.shape[0] == 1 and absmax is None:
-            return super().fbgemm_forward(rows, absmax, bias, dtype)
-        xq, xs = quantize_per_token_cpu(rows, absmax)
-        return int8_scaled_mm_fbgemm(xq, xs, self._fbgemm_pack(), bias, dtype, seven_bit_weight=True)
+        return int8_w7_mm_fbgemm(rows, self._fbgemm_pack(), bias, dtype, absmax)
 
 
 class Int8StaticLinear(QuantLinear):

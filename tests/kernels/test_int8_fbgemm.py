@@ -76,9 +76,7 @@ def test_path_choice_follows_the_cpu(monkeypatch):
 
 
 def w7_mm(x: torch.Tensor, packed, bias=None, absmax=None, out_dtype=None) -> torch.Tensor:
-    """What ``Int8W7Linear`` runs on fbgemm: per-token codes, then the one-pass product."""
-    xq, xs = quantize_per_token(x, absmax)
-    return fb.int8_scaled_mm_fbgemm(xq, xs, packed, bias, out_dtype or x.dtype, seven_bit_weight=True)
+    return fb.int8_w7_mm_fbgemm(x, packed, bias, out_dtype, absmax)
 
 
 def w7_operands(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +84,7 @@ def w7_operands(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(-63, 64, (n, k), dtype=torch.int8, generator=g), torch.rand(n, generator=g) / 50 + 1e-3
 
 
-@pytest.mark.parametrize("rows", [1, 6, 300])
+@pytest.mark.parametrize("rows", [2, 6, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_w7_one_pass_gets_the_exact_product_of_quantize_per_token_codes(rows, dtype, bias):
@@ -95,27 +93,54 @@ def test_w7_one_pass_gets_the_exact_product_of_quantize_per_token_codes(rows, dt
     w, w_scale = w7_operands(40, 96)
     b = torch.randn(40) if bias else None
     xq, xs = quantize_per_token(x)
-    out = w7_mm(x, fb.prepack(w, w_scale), b)
+    packed = fb.prepack(w, w_scale)
+    out = w7_mm(x, packed, b)
     ref = scaled_mm_reference(xq, xs, w.t(), w_scale, b, torch.float32)
     assert out.dtype == dtype and out.shape == (rows, 40)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert torch.allclose(out.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    again = w7_mm(x, packed, b)  # the reused input buffer leaves no trace
+    assert torch.equal(again, out)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_w7_single_row_is_within_half_a_step_of_its_own_8_bit_range(scale, dtype, bias):
+    """Decode's single row goes in as it is: fbgemm rounds it to 8 bits over ``[min(x, 0), max(x, 0)]``, lifted,
+    so that even a row of magnitude 1e-6 keeps that relative precision."""
+    torch.manual_seed(3)
+    x = (torch.randn(1, 96) * scale).to(dtype)
+    w, w_scale = w7_operands(40, 96)
+    b = torch.randn(40) if bias else None
+    out = w7_mm(x, fb.prepack(w, w_scale), b)
+    wf = w.float() * w_scale[:, None]
+    exact = x.float() @ wf.t() + (0 if b is None else b)
+    step = (x.float().clamp_min(0).max() - x.float().clamp_max(0).min()) / 255
+    bound = wf.abs().sum(1) * step / 2  # every element off by at most half a step
+    assert out.dtype == dtype and out.shape == (1, 40)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((out.float() - exact).abs() <= bound * 1.001 + tol * exact.abs()).all()
+    if dtype == torch.float32:  # a step no coarser than the symmetric per-token code's
+        assert ((out - exact).abs() <= wf.abs().sum(1) * x.abs().max() / 127 / 2 + tol * exact.abs()).all()
 
 
 def test_w7_rounds_as_quantize_per_token():
     """Codes round half to even, and values just below a half round down: fbgemm's own rounding adds its zero point
     (128) first, in fp32, where ``129.4999990`` becomes ``129.5`` and then 130, one code too many."""
     below = 0.5 - 2.0**-20
-    x = torch.tensor([[127.0, 2.5, 3.5, -0.5, 1.0 + below, -(1.0 + below), 2.0 + below, 0.0]])
+    x = torch.tensor([[127.0, 2.5, 3.5, -0.5, 1.0 + below, -(1.0 + below), 2.0 + below, 0.0]]).repeat(2, 1)
     w = torch.eye(8, dtype=torch.int8) * 63
     out = w7_mm(x, fb.prepack(w, torch.full((8,), 1 / 63)))
-    assert torch.allclose(out, torch.tensor([[127.0, 2.0, 4.0, 0.0, 1.0, -1.0, 2.0, 0.0]]), rtol=1e-6, atol=1e-4)
+    want = torch.tensor([[127.0, 2.0, 4.0, 0.0, 1.0, -1.0, 2.0, 0.0]]).repeat(2, 1)
+    assert torch.allclose(out, want, rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("sign", [1, -1])
-def test_w7_extreme_codes_do_not_saturate(sign):
+def test_w7_extreme_codes_do_not_saturate(rows, sign):
     k = 256
-    x = torch.full((2, k), 127.0 * sign)
+    x = torch.full((rows, k), 127.0 * sign)
     w = torch.full((8, k), 63, dtype=torch.int8)
     out = w7_mm(x, fb.prepack(w, torch.ones(8)))
     assert (out == sign * 127 * 63 * k).all()
