@@ -106,6 +106,14 @@ def int8_scaled_mm_fbgemm(a: torch.Tensor, a_scale: torch.Tensor, packed: Any, b
     return _finish(_pinned_mm(a.float(), packed), a_scale * LIFT, bias, out_dtype)
 
 
+def int8_w7_row_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Tensor] = None,
+                       out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``int8_w7_mm_fbgemm`` of one row ``x`` (any leading dims of size 1, the result's too), in the fewest
+    operations: fbgemm rounds the row, lifted, over its own 8-bit range."""
+    out = torch.ops.quantized.linear_dynamic(torch.mul(x.float(), _LIFT), packed, False)
+    return (out if bias is None else out.add_(bias)).to(out_dtype or x.dtype)
+
+
 def int8_w7_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Tensor] = None,
                       out_dtype: Optional[torch.dtype] = None, absmax: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Float rows ``x`` [M, K] (K >= 2) times a weight whose codes lie in [-63, 63] (``int8_w7``), in one fbgemm pass:
@@ -130,8 +138,7 @@ def int8_w7_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Tensor]
     """
     m, k = x.shape
     if m == 1 and absmax is None:
-        out = torch.ops.quantized.linear_dynamic(torch.mul(x.float(), _LIFT), packed, False)
-        return (out if bias is None else out.add_(bias)).to(out_dtype or x.dtype)
+        return int8_w7_row_fbgemm(x, packed, bias, out_dtype)
     if absmax is not None:
         amax = absmax.float().clamp_min(AMAX_MIN)
     elif m <= SMALL_ROWS:

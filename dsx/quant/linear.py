@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
 from dsx.core.modules import is_hf_conv1d
-from dsx.kernels.int8_fbgemm import (int8_dynamic_mm_fbgemm, int8_scaled_mm_fbgemm, int8_w7_mm_fbgemm, prepack,
-                                     use_fbgemm)
+from dsx.kernels.int8_fbgemm import (int8_dynamic_mm_fbgemm, int8_scaled_mm_fbgemm, int8_w7_mm_fbgemm,
+                                     int8_w7_row_fbgemm, prepack, use_fbgemm)
 from dsx.kernels.int8_mm import int8_scaled_mm, int8_scaled_mm_cpu, int8_weight_only_mm
 from dsx.kernels.quantize_fp8 import quantize_fp8_rowwise
 from dsx.kernels.quantize_per_token import quantize_per_token, quantize_per_token_cpu
@@ -110,13 +110,23 @@ class QuantLinear(nn.Module, abc.ABC):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fbgemm": None}  # a copy packs its own weight on first use
 
+    def _current_pack(self) -> Any:
+        """The fbgemm pack built by the last ``_fbgemm_pack``, if the weight and its scales are still those it packed
+        (the same tensors, not changed in place since), else None."""
+        cached, buffers = self._fbgemm, self._buffers
+        if (cached is not None and cached[0] is buffers["weight"] and cached[1] is buffers["weight_scale"]
+                and cached[2] == (cached[0]._version, cached[1]._version)):
+            return cached[3]
+        return None
+
     def _fbgemm_pack(self) -> Any:
         """fbgemm's packed copy of the int8 weight (never saved), rebuilt when the weight or its scales change."""
-        buffers, cached = self._buffers, self._fbgemm
-        w, s = buffers["weight"], buffers["weight_scale"]
-        if cached is None or cached[0] is not w or cached[1] is not s or cached[2] != (w._version, s._version):
-            self._fbgemm = cached = (w, s, (w._version, s._version), prepack(w, s))
-        return cached[3]
+        packed = self._current_pack()
+        if packed is None:
+            w, s = self._buffers["weight"], self._buffers["weight_scale"]
+            packed = prepack(w, s)
+            self._fbgemm = (w, s, (w._version, s._version), packed)
+        return packed
 
     def extra_repr(self) -> str:
         where = "" if self.split is None else f", {self.split.style} shard of {self.split.mesh.size()} ranks"
@@ -236,13 +246,20 @@ class Int8Linear(QuantLinear):
     description = "dynamic per-token int8 activations, per-channel int8 weights"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """An unsharded layer's eager CPU product on fbgemm in the fewest Python steps (a decode step runs dozens of
-        layers, each after its weight's bytes have evicted the interpreter's from cache), else ``QuantLinear``'s."""
-        if self.split is None and eager_cpu(x) and not (torch.is_grad_enabled() and x.requires_grad):
-            out = self.fbgemm_forward(self._rows(x), None, self._buffers["bias"], x.dtype)
-            if out is not None:
-                return out.reshape(*x.shape[:-1], self.out_features)
+        """A single row (decode) of an unsharded layer whose fbgemm pack is current runs on it in the fewest Python
+        steps: decode runs dozens of layers per token, each after its weight's bytes have evicted the interpreter's
+        from cache, so each step costs microseconds. Everything else runs ``QuantLinear``'s path."""
+        if (type(x) is torch.Tensor and x.is_cpu and x.dim() and x.numel() == x.shape[-1] == self.in_features
+                and self.split is None and not (x.requires_grad and torch.is_grad_enabled())
+                and not torch.compiler.is_compiling()):
+            packed = self._current_pack()
+            if packed is not None:
+                return self.fbgemm_row(x, packed, self._buffers["bias"])
         return super().forward(x)
+
+    def fbgemm_row(self, x: torch.Tensor, packed: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        """The product of one row ``x`` (any leading dims of size 1) on the fbgemm pack, as ``x.dtype``."""
+        return int8_dynamic_mm_fbgemm(x.reshape(1, -1), packed, bias).reshape(*x.shape[:-1], self.out_features)
 
     def fbgemm_forward(self, rows: torch.Tensor, absmax: torch.Tensor | None, bias: torch.Tensor | None,
                        dtype: torch.dtype) -> torch.Tensor | None:
@@ -282,6 +299,9 @@ class Int8W7Linear(Int8Linear):
         if not (eager_cpu(rows) and rows.shape[1] >= 2 and use_fbgemm(rows, rows.shape[0])):
             return None
         return int8_w7_mm_fbgemm(rows, self._fbgemm_pack(), bias, dtype, absmax)
+
+    def fbgemm_row(self, x: torch.Tensor, packed: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        return int8_w7_row_fbgemm(x, packed, bias)
 
 
 class Int8StaticLinear(QuantLinear):
