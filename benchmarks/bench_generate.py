@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import statistics
 import time
 import warnings
 from typing import Any, Callable
@@ -69,16 +70,13 @@ def variants(model: nn.Module) -> dict[str, Callable[[], nn.Module]]:
     return rows
 
 
-def tokens_per_s(model: nn.Module, ids: torch.Tensor, new: int, repeats: int) -> tuple[float, torch.Tensor]:
+def generate_s(model: nn.Module, ids: torch.Tensor, new: int) -> tuple[float, torch.Tensor]:
+    """Seconds of one greedy ``generate()`` of ``new`` tokens, and its tokens."""
     kw: dict[str, Any] = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        out = model.generate(ids, **kw)  # warm-up (and the tokens)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model.generate(ids, **kw)
-            best = min(best, time.perf_counter() - t0)
-    return new / best, out
+        t0 = time.perf_counter()
+        out = model.generate(ids, **kw)
+    return time.perf_counter() - t0, out
 
 
 def main() -> None:
@@ -86,32 +84,43 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="a 2-layer model (smoke run)")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per generate() call")
     parser.add_argument("--prompt", type=int, default=16, help="prompt length")
-    parser.add_argument("--repeats", type=int, default=3, help="timed generate() calls per row (best is reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds: one generate() call per row each")
     parser.add_argument("--rows", default="", help="comma-separated substrings: run only matching rows")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     model = llama("small" if args.small else "full")
     ids = torch.randint(1, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
-    table, base, ref = [], None, None
+    results: dict[str, list[str]] = {}
+    base, ref = None, None
     wanted = [r for r in args.rows.split(",") if r]
     rows = {k: v for k, v in variants(model).items() if not wanted or any(w in k for w in wanted)}
-    for label, make in tqdm(rows.items(), desc="bench_generate", disable=args.no_progress):
+    built: dict[str, nn.Module] = {}
+    tokens: dict[str, torch.Tensor] = {}
+    for label, make in tqdm(rows.items(), desc="bench_generate: build + warm up", disable=args.no_progress):
         try:
-            m = make()
+            built[label] = make()
         except Exception as err:  # a peer that is not installed or does not run here is reported, not fatal
-            table.append([label, f"n/a ({type(err).__name__}: {str(err)[:60]})", "", ""])
+            results[label] = [label, f"n/a ({type(err).__name__}: {str(err)[:60]})", "", "", ""]
             continue
-        tps, out = tokens_per_s(m, ids, args.tokens, args.repeats)
+        tokens[label] = generate_s(built[label], ids, args.tokens)[1]
+    seconds: dict[str, list[float]] = {label: [] for label in built}
+    for _ in tqdm(range(args.repeats), desc="bench_generate: timed rounds", disable=args.no_progress):
+        for label, model_ in built.items():  # interleaved: a drifting machine slows every row alike
+            seconds[label].append(generate_s(model_, ids, args.tokens)[0])
+    for label, times in seconds.items():
+        tps = args.tokens / statistics.median(times)
         base = tps if base is None else base
-        ref = out if ref is None else ref
-        agree = (out[0, args.prompt:] == ref[0, args.prompt:]).float().mean().item()
-        table.append([label, f"{tps:.1f}", f"{tps / base:.2f}x", f"{agree:.2f}"])
-        del m
+        ref = tokens[label] if ref is None else ref
+        agree = (tokens[label][0, args.prompt:] == ref[0, args.prompt:]).float().mean().item()
+        spread = (max(times) - min(times)) / statistics.median(times)
+        results[label] = [label, f"{tps:.1f}", f"{tps / base:.2f}x", f"{spread:.0%}", f"{agree:.2f}"]
+    table = [results[label] for label in rows]
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"device: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
           f"{datetime.date.today()}")
     print(f"LlamaForCausalLM {params:.0f}M params, batch 1, prompt {args.prompt}, {args.tokens} new tokens (greedy)")
-    print(text_table(["variant", "tokens/s", "vs fp32 eager", "greedy tokens = fp32"], table))
+    print(text_table(["variant", "tokens/s", "vs fp32 eager", "spread", "greedy tokens = fp32"], table))
+    print(f"median of {args.repeats} generate() calls per row, the rows timed interleaved round by round")
 
 
 if __name__ == "__main__":

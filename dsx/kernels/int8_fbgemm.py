@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 
 from dsx.core.hardware import has_int8_dot
-from dsx.kernels.quantize_per_token import AMAX_MIN, QMAX, SMALL_ROWS, row_amax
+from dsx.kernels.quantize_per_token import AMAX_MIN, CHUNK_ELEMS, QMAX, row_amax
 
 MAX_ROWS_WITH_INT8_DOT = 16
 """With AVX512-VNNI, rows up to this many run fbgemm (ahead at decode sizes), more run ``torch._int_mm``."""
@@ -141,7 +141,7 @@ def int8_w7_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Tensor]
         return int8_w7_row_fbgemm(x, packed, bias, out_dtype)
     if absmax is not None:
         amax = absmax.float().clamp_min(AMAX_MIN)
-    elif m <= SMALL_ROWS:
+    elif x.numel() <= CHUNK_ELEMS:  # a temporary |x| that stays in cache: fewer ops than row_amax
         amax = x.abs().amax(-1, keepdim=True).float().clamp_min_(AMAX_MIN)
     else:
         amax = row_amax(x)
