@@ -87,6 +87,31 @@ def test_fbgemm_and_aten_paths_agree(cls, linear, monkeypatch):
     assert copy.deepcopy(q)._fbgemm is None and torch.equal(copy.deepcopy(q)(x), q(x))
 
 
+@pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no fbgemm")
+@pytest.mark.parametrize("cls", [Int8Linear, Int8W7Linear], ids=lambda c: c.format)
+def test_a_decode_row_runs_straight_on_a_current_pack_and_keeps_every_guard(cls, linear, monkeypatch):
+    q = cls.from_float(linear)
+    row = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        first = q(row)  # builds the pack on the layered path
+        assert q._current_pack() is not None
+        calls = []
+        monkeypatch.setattr(q, "fbgemm_row", lambda *a: calls.append(a) or cls.fbgemm_row(q, *a))
+        again = q(row)
+        assert calls and again.shape == (1, 1, 48) and torch.equal(again, first)
+        assert cosine(again, linear(row)) > 0.999
+        q.weight.mul_(-1)  # changed in place: the stale pack is not used, the layered path repacks
+        calls.clear()
+        assert torch.allclose(q(row), 2 * q.bias - first, rtol=1e-5, atol=1e-5) and not calls
+        assert q(row.bfloat16()).dtype == torch.bfloat16 and calls
+        with pytest.raises(ValueError, match="expected 64"):
+            q(torch.randn(1, 1, 32))
+    x = row.clone().requires_grad_()  # autograd: the straight-through path, not the fast one
+    calls.clear()
+    q(x).sum().backward()
+    assert not calls and x.grad is not None and x.grad.shape == x.shape
+
+
 def test_bf16_activations_keep_their_dtype(linear):
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     for cls in (Int8Linear, Int8W7Linear, Int8WeightOnlyLinear, FP8WeightOnlyLinear):
