@@ -52,7 +52,8 @@ def torchao(model: nn.Module, bits: int, dtype: torch.dtype) -> nn.Module:
 
 
 def variants(model: nn.Module) -> dict[str, Callable[[], nn.Module]]:
-    """Row label -> a builder of the model to time (built lazily, one at a time, to bound memory)."""
+    """Row label -> a builder of the model to time (built only for the rows asked for; all of them are then held at
+    once, to be timed interleaved)."""
     bf16 = torch.bfloat16
     rows: dict[str, Callable[[], nn.Module]] = {
         "fp32 eager": lambda: model,

@@ -83,6 +83,14 @@ def _pinned_input(m: int, k: int) -> torch.Tensor:
     return buf[:m + 1]
 
 
+def _rows_amax(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` of each row of ``x`` [M, K], fp32 [M, 1] clamped to ``AMAX_MIN``: through a temporary ``|x|`` that
+    stays in cache (the fewest ops), or ``row_amax`` (no full-size temporary) beyond ``CHUNK_ELEMS`` elements."""
+    if x.numel() > CHUNK_ELEMS:
+        return row_amax(x)
+    return x.abs().amax(-1, keepdim=True).float().clamp_min_(AMAX_MIN)
+
+
 def _finish(out: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
             out_dtype: torch.dtype) -> torch.Tensor:
     """``out * scale + bias`` as ``out_dtype``, in one pass over ``out``."""
@@ -139,12 +147,7 @@ def int8_w7_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Tensor]
     m, k = x.shape
     if m == 1 and absmax is None:
         return int8_w7_row_fbgemm(x, packed, bias, out_dtype)
-    if absmax is not None:
-        amax = absmax.float().clamp_min(AMAX_MIN)
-    elif x.numel() <= CHUNK_ELEMS:  # a temporary |x| that stays in cache: fewer ops than row_amax
-        amax = x.abs().amax(-1, keepdim=True).float().clamp_min_(AMAX_MIN)
-    else:
-        amax = row_amax(x)
+    amax = _rows_amax(x) if absmax is None else absmax.float().clamp_min(AMAX_MIN)
     codes = _pinned_input(m, k)
     q = torch.mul(x, QMAX / amax, out=codes[1:]).round_()
     if absmax is not None:
@@ -163,7 +166,7 @@ def int8_dynamic_mm_fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Te
         halves = torch.mul(x, signs).relu_()  # [2, K] by broadcasting
         y = torch.ops.quantized.linear_dynamic(halves, packed, True)
         return (torch.mm(difference, y) if bias is None else torch.addmm(bias.float(), difference, y)).to(x.dtype)
-    amax = x.abs().amax(-1, keepdim=True).float().clamp_min_(AMAX_MIN)
+    amax = _rows_amax(x)
     return _finish(_pinned_mm(torch.mul(x, QMAX / amax), packed), (amax / QMAX).mul_(LIFT), bias, x.dtype)
 
 
