@@ -18,8 +18,8 @@ BENCH = Path(__file__).parent.parent / "benchmarks"
     ("bench_export.py", ["--models", "resnet", "--iters", "1", "--no-progress"], "int8 vs fp32 in ort"),
     ("bench_prune.py", ["--small", "--iters", "1", "--no-progress"], "pruned"),
     ("bench_parallel.py", ["--small", "--no-progress"], "topk:0.01"),
-    ("bench_generate.py", ["--small", "--tokens", "4", "--repeats", "1", "--rows", "fp32 eager,int4", "--no-progress"],
-     "dsx int4_weight_only hqq g128 (bf16)"),
+    ("bench_generate.py", ["--small", "--tokens", "4", "--repeats", "1", "--prefill", "8", "--context", "64", "--rows",
+                           "fp32 eager,g128 (bf16),KV cache", "--no-progress"], "dsx int8_w7 + int8 KV cache"),
     ("bench_auto.py", ["--small", "--models", "bert", "--iters", "1", "--budget-s", "5", "--no-progress"],
      "dsx.optimize (max_error=0.01, cosine)"),
 ])

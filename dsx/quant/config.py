@@ -27,7 +27,8 @@ COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 def int8_compiles_fast(device: torch.device) -> bool:
     """Compiled graphs run ``dsx::int8_scaled_mm`` as ``torch._int_mm`` on a CPU with int8 dot-product instructions
-    and as an fp32 matmul of the codes without them (no faster than float; eager layers run fbgemm there)."""
+    and as an fp32 matmul of the codes without them (no faster than float; the dynamic formats call fbgemm there
+    instead, through ``dsx::int8_linear_cpu``)."""
     return device.type != "cpu" or has_int8_dot()
 
 
@@ -133,7 +134,6 @@ class Int8Dynamic(QuantConfig):
     format = "int8"
     linear = Int8Linear
     qat = True
-    compiled_int8_mm = True
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,6 @@ class Int8W7(QuantConfig):
 
     format = "int8_w7"
     linear = Int8W7Linear
-    compiled_int8_mm = True
 
     def fast_on(self, device: torch.device) -> bool:
         return device.type == "cpu" and not has_int8_dot() and fbgemm_available() and super().fast_on(device)

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
 from dsx.core.modules import is_hf_conv1d
-from dsx.kernels.int8_fbgemm import (int8_dynamic_mm_fbgemm, int8_scaled_mm_fbgemm, int8_w7_mm_fbgemm,
-                                     int8_w7_row_fbgemm, prepack, use_fbgemm)
-from dsx.kernels.int8_mm import int8_scaled_mm, int8_scaled_mm_cpu, int8_weight_only_mm
+from dsx.kernels.int8_fbgemm import (int8_dynamic_mm_fbgemm, int8_scaled_mm_fbgemm,
+                                     int8_w7_row_fbgemm, use_fbgemm)
+from dsx.kernels.int8_linear_cpu import compiles_to_op, fbgemm_pack, int8_linear_cpu
+from dsx.kernels.int8_mm import int8_scaled_mm, int8_weight_only_mm
 from dsx.kernels.quantize_fp8 import quantize_fp8_rowwise
-from dsx.kernels.quantize_per_token import quantize_per_token, quantize_per_token_cpu
+from dsx.kernels.quantize_per_token import quantize_per_token
 from dsx.quant.tensor_split import TensorSplit, split_buffers
 
 FP8 = torch.float8_e4m3fn
@@ -77,7 +78,6 @@ class QuantLinear(nn.Module, abc.ABC):
     }
     """Per tensor-parallel style, the dim of each buffer split across the ranks (None: every rank holds all of it).
     colwise splits the output features; rowwise the input features, the bias added once after the all-reduce."""
-    _fbgemm: tuple[Any, ...] | None = None
     split: TensorSplit | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype: torch.dtype = torch.float32,
@@ -106,27 +106,6 @@ class QuantLinear(nn.Module, abc.ABC):
     def dequantize(self) -> torch.Tensor:
         """The float weight ``[out, in]`` these integers stand for."""
         return self.weight.float() * self.weight_scale[:, None]
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fbgemm": None}  # a copy packs its own weight on first use
-
-    def _current_pack(self) -> Any:
-        """The fbgemm pack built by the last ``_fbgemm_pack``, if the weight and its scales are still those it packed
-        (the same tensors, not changed in place since), else None."""
-        cached, buffers = self._fbgemm, self._buffers
-        if (cached is not None and cached[0] is buffers["weight"] and cached[1] is buffers["weight_scale"]
-                and cached[2] == (cached[0]._version, cached[1]._version)):
-            return cached[3]
-        return None
-
-    def _fbgemm_pack(self) -> Any:
-        """fbgemm's packed copy of the int8 weight (never saved), rebuilt when the weight or its scales change."""
-        packed = self._current_pack()
-        if packed is None:
-            w, s = self._buffers["weight"], self._buffers["weight_scale"]
-            packed = prepack(w, s)
-            self._fbgemm = (w, s, (w._version, s._version), packed)
-        return packed
 
     def extra_repr(self) -> str:
         where = "" if self.split is None else f", {self.split.style} shard of {self.split.mesh.size()} ranks"
@@ -244,40 +223,37 @@ class Int8Linear(QuantLinear):
 
     format = "int8"
     description = "dynamic per-token int8 activations, per-channel int8 weights"
+    SEVEN_BIT: ClassVar[bool] = False
+    """The weight's codes fit 7 bits (``int8_w7``): fbgemm takes 8-bit activation codes in one pass."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """A single row (decode) of an unsharded layer whose fbgemm pack is current runs on it in the fewest Python
-        steps: decode runs dozens of layers per token, each after its weight's bytes have evicted the interpreter's
-        from cache, so each step costs microseconds. Everything else runs ``QuantLinear``'s path."""
+        """A single row (decode) of an unsharded layer on the CPU runs on the fbgemm pack in the fewest Python steps:
+        decode runs dozens of layers per token, each after its weight's bytes have evicted the interpreter's from
+        cache, so each step costs microseconds. Everything else runs ``QuantLinear``'s path."""
+        b = self._buffers
         if (type(x) is torch.Tensor and x.is_cpu and x.dim() and x.numel() == x.shape[-1] == self.in_features
                 and self.split is None and not (x.requires_grad and torch.is_grad_enabled())
-                and not torch.compiler.is_compiling()):
-            packed = self._current_pack()
-            if packed is not None:
-                return self.fbgemm_row(x, packed, self._buffers["bias"])
+                and not torch.compiler.is_compiling() and b["weight"].is_cpu and use_fbgemm(x, 1)):
+            return self.fbgemm_row(x, fbgemm_pack(b["weight"], b["weight_scale"]), b["bias"])
         return super().forward(x)
 
     def fbgemm_row(self, x: torch.Tensor, packed: Any, bias: torch.Tensor | None) -> torch.Tensor:
         """The product of one row ``x`` (any leading dims of size 1) on the fbgemm pack, as ``x.dtype``."""
         return int8_dynamic_mm_fbgemm(x.reshape(1, -1), packed, bias).reshape(*x.shape[:-1], self.out_features)
 
-    def fbgemm_forward(self, rows: torch.Tensor, absmax: torch.Tensor | None, bias: torch.Tensor | None,
-                       dtype: torch.dtype) -> torch.Tensor | None:
-        """The eager CPU product on fbgemm where it is the fast path (else None): the exact 8-bit codes in two
-        halves, for the rows' own maxima."""
-        if absmax is None and eager_cpu(rows) and use_fbgemm(rows, rows.shape[0]):
-            return int8_dynamic_mm_fbgemm(rows, self._fbgemm_pack(), bias)
-        return None
-
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """On the CPU ``int8_linear_cpu`` (called directly in eager mode, as ``dsx::int8_linear_cpu`` in a compiled
+        graph where inductor's int8 product would be slower); elsewhere, and for export, the dsx ops."""
         rows = self._rows(x)
         absmax, bias, dtype = self.input_absmax(rows), self.output_bias(), self.output_dtype(x)
-        out = self.fbgemm_forward(rows, absmax, bias, dtype)
-        if out is None:
-            cpu = eager_cpu(rows)
-            xq, xs = (quantize_per_token_cpu if cpu else quantize_per_token)(rows, absmax)
-            out = (int8_scaled_mm_cpu if cpu else int8_scaled_mm)(xq, xs, self.weight.t(), self.weight_scale, bias,
-                                                                   dtype)
+        if eager_cpu(rows):
+            out = int8_linear_cpu(rows, self.weight, self.weight_scale, bias, absmax, dtype, self.SEVEN_BIT)
+        elif compiles_to_op(rows):
+            out = torch.ops.dsx.int8_linear_cpu(rows, self.weight, self.weight_scale, bias, absmax, dtype,
+                                                self.SEVEN_BIT)
+        else:
+            xq, xs = quantize_per_token(rows, absmax)
+            out = int8_scaled_mm(xq, xs, self.weight.t(), self.weight_scale, bias, dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -288,17 +264,11 @@ class Int8W7Linear(Int8Linear):
     format = "int8_w7"
     description = "dynamic per-token int8 activations, per-channel 7-bit weights"
     WEIGHT_QMAX = 63.0
+    SEVEN_BIT = True
 
     @classmethod
     def quantize_weight(cls, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_weight(w, torch.int8, cls.WEIGHT_QMAX)
-
-    def fbgemm_forward(self, rows: torch.Tensor, absmax: torch.Tensor | None, bias: torch.Tensor | None,
-                       dtype: torch.dtype) -> torch.Tensor | None:
-        """One pass (``int8_w7_mm_fbgemm``) for every row count."""
-        if not (eager_cpu(rows) and rows.shape[1] >= 2 and use_fbgemm(rows, rows.shape[0])):
-            return None
-        return int8_w7_mm_fbgemm(rows, self._fbgemm_pack(), bias, dtype, absmax)
 
     def fbgemm_row(self, x: torch.Tensor, packed: Any, bias: torch.Tensor | None) -> torch.Tensor:
         return int8_w7_row_fbgemm(x, packed, bias)
@@ -349,7 +319,7 @@ class Int8StaticLinear(QuantLinear):
         xs = self.input_scale.expand(rows.shape[0], 1)
         bias, dtype = self.output_bias(), self.output_dtype(x)
         if eager_cpu(rows) and use_fbgemm(rows, rows.shape[0]):
-            out = int8_scaled_mm_fbgemm(xq, xs, self._fbgemm_pack(), bias, dtype)
+            out = int8_scaled_mm_fbgemm(xq, xs, fbgemm_pack(self.weight, self.weight_scale), bias, dtype)
         else:
             out = int8_scaled_mm(xq, xs, self.weight.t(), self.weight_scale, bias, dtype)
         return out.reshape(*x.shape[:-1], self.out_features)

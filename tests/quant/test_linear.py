@@ -6,7 +6,9 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import dsx.quant.linear as quant_linear
+from dsx.kernels import int8_linear_cpu
 from dsx.kernels.int8_fbgemm import fbgemm_available
+from dsx.kernels.int8_linear_cpu import fbgemm_pack
 from dsx.quant.linear import (FP8, FP8Linear, FP8WeightOnlyLinear, Int8Linear, Int8StaticLinear, Int8W7Linear,
                               Int8WeightOnlyLinear, fp8_supported, is_linear, linear_weight, quantize_weight,
                               scaled_mm_options)
@@ -58,8 +60,14 @@ def test_close_to_float(cls, shape, linear):
     assert cosine(out, linear(x).detach()) > (0.999 if "int8" in cls.format else 0.995)
 
 
+def use_fbgemm(monkeypatch, on):
+    """Force the fbgemm kernels on or off (off: ``torch._int_mm``) for every int8 layer."""
+    for module in (quant_linear, int8_linear_cpu):
+        monkeypatch.setattr(module, "use_fbgemm", lambda x, rows: on)
+
+
 def test_int8_linear_matches_an_exact_integer_computation(linear, monkeypatch):
-    monkeypatch.setattr(quant_linear, "use_fbgemm", lambda x, rows: False)  # the torch._int_mm path
+    use_fbgemm(monkeypatch, False)
     x = torch.randn(9, 64)
     q = Int8Linear.from_float(linear)
     amax = x.abs().amax(1, keepdim=True)
@@ -73,9 +81,9 @@ def test_int8_linear_matches_an_exact_integer_computation(linear, monkeypatch):
 def test_fbgemm_and_aten_paths_agree(cls, linear, monkeypatch):
     q = cls.from_float(linear)
     x = torch.randn(2, 5, 64)
-    monkeypatch.setattr(quant_linear, "use_fbgemm", lambda x, rows: False)
+    use_fbgemm(monkeypatch, False)
     ref, ref_one = q(x), q(x[0, :1])
-    monkeypatch.setattr(quant_linear, "use_fbgemm", lambda x, rows: True)
+    use_fbgemm(monkeypatch, True)
     assert torch.allclose(q(x), ref, rtol=1e-5, atol=1e-5)
     one = q(x[0, :1])  # one row: the fewest-operations path (int8_w7's rounds over the row's own 8-bit range)
     if cls is Int8W7Linear:
@@ -84,26 +92,28 @@ def test_fbgemm_and_aten_paths_agree(cls, linear, monkeypatch):
         assert torch.allclose(one, ref_one, rtol=1e-5, atol=1e-5)
     q.weight.mul_(-1)  # an in-place change of the weight repacks
     assert torch.allclose(q(x), 2 * q.bias - ref, rtol=1e-5, atol=1e-5)
-    assert copy.deepcopy(q)._fbgemm is None and torch.equal(copy.deepcopy(q)(x), q(x))
+    twin = copy.deepcopy(q)  # a copy packs its own weight
+    assert torch.equal(twin(x), q(x))
+    assert fbgemm_pack(twin.weight, twin.weight_scale) is not fbgemm_pack(q.weight, q.weight_scale)
 
 
 @pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no fbgemm")
 @pytest.mark.parametrize("cls", [Int8Linear, Int8W7Linear], ids=lambda c: c.format)
-def test_a_decode_row_runs_straight_on_a_current_pack_and_keeps_every_guard(cls, linear, monkeypatch):
+def test_a_decode_row_runs_straight_on_the_pack_and_keeps_every_guard(cls, linear, monkeypatch):
     q = cls.from_float(linear)
     row = torch.randn(1, 1, 64)
     with torch.no_grad():
-        first = q(row)  # builds the pack on the layered path
-        assert q._current_pack() is not None
         calls = []
         monkeypatch.setattr(q, "fbgemm_row", lambda *a: calls.append(a) or cls.fbgemm_row(q, *a))
-        again = q(row)
-        assert calls and again.shape == (1, 1, 48) and torch.equal(again, first)
-        assert cosine(again, linear(row)) > 0.999
-        q.weight.mul_(-1)  # changed in place: the stale pack is not used, the layered path repacks
+        first = q(row)
+        assert calls and first.shape == (1, 1, 48) and torch.equal(q(row), first)
+        assert cosine(first, linear(row)) > 0.999
+        assert calls[0][1] is calls[1][1] is fbgemm_pack(q.weight, q.weight_scale)  # packed once
+        q.weight.mul_(-1)  # changed in place: the stale pack is not used, the weight is packed again
         calls.clear()
-        assert torch.allclose(q(row), 2 * q.bias - first, rtol=1e-5, atol=1e-5) and not calls
-        assert q(row.bfloat16()).dtype == torch.bfloat16 and calls
+        assert torch.allclose(q(row), 2 * q.bias - first, rtol=1e-5, atol=1e-5)
+        assert calls and calls[0][1] is fbgemm_pack(q.weight, q.weight_scale)
+        assert q(row.bfloat16()).dtype == torch.bfloat16
         with pytest.raises(ValueError, match="expected 64"):
             q(torch.randn(1, 1, 32))
     x = row.clone().requires_grad_()  # autograd: the straight-through path, not the fast one
