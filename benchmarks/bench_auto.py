@@ -93,6 +93,7 @@ def plans(model: nn.Module, inputs: dict[str, Any], budget: float, budget_s: flo
         "dsx int8_w7 (7-bit weights)": lambda: q("int8_w7"),
         "dsx int8_weight_only+bf16": lambda: q(dsx.quant.Int8WeightOnly(dtype="bfloat16")),
         'dsx int8 + compile(backend="dsx")': lambda: dsx.Compile()(q("int8")),
+        'dsx int8_w7 + compile(backend="dsx")': lambda: dsx.Compile()(q("int8_w7")),
         'dsx int8+bf16 + compile(backend="dsx")': lambda: dsx.Compile()(q(dsx.quant.Int8Dynamic(dtype="bfloat16"))),
         "dsx.optimize (lossless)": lambda: dsx.optimize(model, inputs, progress=False, budget_s=budget_s),
         f"dsx.optimize (max_error={budget:g}, cosine)": lambda: dsx.optimize(

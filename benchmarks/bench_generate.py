@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 import dsx
 from dsx.core.table import text_table
 from dsx.core.timing import cpu_name
+from dsx.kernels import int8_linear_cpu
 from dsx.quant import Int4WeightOnly
+from dsx.quant.linear import QuantLinear
 from dsx.quant.quantize import state_bytes
 
 KV_RESIDUAL = 16
@@ -108,6 +110,16 @@ def prefill_s(model: nn.Module, ids: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
+def weights_mb(model: nn.Module) -> float:
+    """MB of the model's parameters and buffers plus the packed weight copies its kernels hold beside them (dsx's
+    fbgemm packs, torch.ao's packed params)."""
+    weights = [getattr(m, "weight", None) for m in model.modules() if isinstance(m, QuantLinear)]
+    packed = sum(w.numel() for w in weights if w is not None and id(w) in int8_linear_cpu._PACKS)
+    packed += sum(m.weight().numel() + (0 if m.bias() is None else m.bias().numel() * 4) for m in model.modules()
+                  if isinstance(m, torch.ao.nn.quantized.dynamic.Linear))
+    return (state_bytes(model) + packed) / 2**20
+
+
 def kv_cache_mb(model: nn.Module, context: int) -> float:
     """MB of the KV cache ``model`` generates with, holding ``context`` tokens (of batch 1)."""
     from transformers import DynamicCache
@@ -167,7 +179,7 @@ def main() -> None:
         spread = (max(times) - min(times)) / statistics.median(times)
         results[label] = [label, f"{tps:.1f}", f"{tps / base:.2f}x", f"{spread:.0%}",
                           f"{args.prefill / statistics.median(prefill[label]):.0f}",
-                          f"{state_bytes(built[label]) / 2**20:.4g}", f"{kv_cache_mb(built[label], args.context):.4g}",
+                          f"{weights_mb(built[label]):.4g}", f"{kv_cache_mb(built[label], args.context):.4g}",
                           f"{agree:.2f}"]
     table = [results[label] for label in rows]
     params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -175,7 +187,8 @@ def main() -> None:
           f"{datetime.date.today()}")
     print(f"LlamaForCausalLM {params:.0f}M params, batch 1, prompt {args.prompt}, {args.tokens} new tokens (greedy)")
     print(text_table(["variant", "decode tokens/s", "vs fp32 eager", "spread", f"prefill tokens/s ({args.prefill})",
-                      "weights MB", f"KV cache MB ({args.context} tokens)", "greedy tokens = fp32"], table))
+                      "weights MB (with packed copies)", f"KV cache MB ({args.context} tokens)",
+                      "greedy tokens = fp32"], table))
     print(f"median of {args.repeats} rounds, each timing one generate() call and one {args.prefill}-token prefill "
           f"forward of every row, interleaved; the int8 KV cache keeps the newest {KV_RESIDUAL} tokens in float")
 
