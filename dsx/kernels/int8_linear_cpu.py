@@ -41,14 +41,12 @@ def fbgemm_pack(weight: torch.Tensor, weight_scale: torch.Tensor) -> Any:
     Returns:
         The opaque pack ``quantized::linear_dynamic`` takes.
     """
-    entry = _PACKS.get(id(weight))
-    if (entry is not None and entry[0]() is weight and entry[1] is weight_scale
-            and entry[2] == (weight._version, weight_scale._version)):
+    key, versions = id(weight), (weight._version, weight_scale._version)
+    entry = _PACKS.get(key)
+    if entry is not None and entry[0]() is weight and entry[1] is weight_scale and entry[2] == versions:
         return entry[3]
     packed = prepack(weight, weight_scale)
-    key = id(weight)
-    _PACKS[key] = (weakref.ref(weight, functools.partial(_drop, key)), weight_scale,
-                   (weight._version, weight_scale._version), packed)
+    _PACKS[key] = (weakref.ref(weight, functools.partial(_drop, key)), weight_scale, versions, packed)
     return packed
 
 
